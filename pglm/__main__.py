@@ -1,0 +1,5 @@
+import sys
+
+from pglm.cli import main
+
+sys.exit(main())

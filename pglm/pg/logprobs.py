@@ -1,0 +1,59 @@
+"""Token log-probabilities: the one path shared by maximum likelihood and policy gradient.
+
+Maximum likelihood minimises −Σ log π(y_t | y_<t); every policy-gradient loss weights the same
+log π(y_t | y_<t) by an advantage. Both read it from `token_logprobs`, so the two cannot drift apart
+(STYLE.md rule 6).
+
+Two details that the peers' users lose days to (shared/reference/estimators.md §2):
+- the shift: logits at position t score the token at position t + 1 (pitfall 6);
+- the temperature: logits are divided by the sampling temperature τ for the policy, the old policy
+  and the reference alike (pitfall 7).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / τ) gathered at `targets`.
+
+    logits (B, T, V), targets (B, T) -> (B, T) in float32 (or float64 when the logits are).
+    Uses `cross_entropy(reduction="none")` (as nanochat does) rather than a full `log_softmax`
+    followed by `gather`: it never keeps a second (B, T, V) tensor alive.
+    """
+    B, T, V = logits.shape
+    if targets.shape != (B, T):
+        # torch.gather would silently truncate a mismatched length (LightRFT PR #53); refuse instead.
+        raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    nll = F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T), reduction="none")
+    return -nll.view(B, T)
+
+
+def shifted_logprobs(
+    model, tokens: torch.Tensor, n_pad: torch.Tensor | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-prob of every token after the first under `model`.
+
+    tokens (B, T), optionally left-padded by n_pad (B,) -> (B, T - 1), where column t is
+    log π(tokens[:, t + 1] | tokens[:, :t + 1]). Callers mask what they do not want counted.
+    """
+    logits = model(tokens, n_pad=n_pad)  # (B, T, V)
+    return token_logprobs(logits[:, :-1], tokens[:, 1:], temperature)  # (B, T-1)
+
+
+def masked_mean_nll(logprobs: torch.Tensor, mask: torch.Tensor, n_tokens: int | float | None = None):
+    """Maximum-likelihood loss: −Σ mask·log p / n_tokens.
+
+    logprobs, mask (B, T). `n_tokens` is the normaliser; pass the token count of the whole optimizer
+    step when a step is split into micro-batches, so that the sum over micro-batches equals the loss
+    of the whole batch (the token-mean pitfall, estimators.md §2.3). Default: this batch's count.
+    """
+    mask = mask.to(logprobs.dtype)
+    if n_tokens is None:
+        n_tokens = mask.sum().clamp(min=1)
+    return -(logprobs * mask).sum() / n_tokens

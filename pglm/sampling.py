@@ -1,0 +1,158 @@
+"""Batched generation with a KV cache (or LSTM state).
+
+Prompts of different lengths are left-padded; `n_pad` tells the model how many pads each row has,
+so positions and attention are those of the unpadded prompt (the bug TRL has with GPT-2, see
+shared/reference/trl_add2.md). The prompt is prefilled once; with `group_size` G the prefilled cache
+is repeated G times, so the G samples of a group share one prefill.
+
+The sampler records log π(token) for every sampled token, where π = softmax(logits / τ) over the
+whole vocabulary, the same distribution `pglm.pg.logprobs.token_logprobs` scores. With top-k or
+top-p the token is drawn from the truncated distribution but its recorded log-prob is still the
+untruncated one: policy-gradient code that samples with top-k/top-p is off-policy (estimators.md §2.7).
+Policy-gradient training samples with neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pglm.errors import UserError
+from pglm.pg.logprobs import token_logprobs
+
+
+@dataclass
+class Generation:
+    """What `generate` returns. B = rows (prompts × group_size), P = padded prompt width, N = new tokens."""
+
+    tokens: torch.Tensor  # (B, P + N) left-padded prompt, then the response (pad after it ends)
+    n_pad: torch.Tensor  # (B,) pad tokens at the start of each row
+    prompt_len: int  # P
+    response_mask: torch.Tensor  # (B, N) bool: response tokens up to and including eos
+    logprobs: torch.Tensor  # (B, N) log softmax(logits/τ) of each sampled token; 0 where masked
+    finished: torch.Tensor  # (B,) bool: the response ended with eos or a stop string (else truncated)
+
+    @property
+    def response(self) -> torch.Tensor:  # (B, N)
+        return self.tokens[:, self.prompt_len :]
+
+    def response_ids(self, i: int) -> list[int]:
+        return self.response[i][self.response_mask[i]].tolist()
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B, P), n_pad (B,)) for prompts of different lengths."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    P = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+    n_pad = torch.tensor([P - len(p) for p in prompts], dtype=torch.long)
+    return tokens, n_pad
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) support to −inf. logits (B, V)."""
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already cover top_p (Holtzman et al. 2020); the
+        # most likely token always stays.
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k, top_p, greedy: bool, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token (B,), its log-prob under softmax(logits/τ) (B,)) from next-token logits (B, V)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if greedy:
+        token = logits.argmax(-1)
+    else:
+        probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logp = token_logprobs(logits[:, None, :], token[:, None], temperature)[:, 0]
+    return token, logp
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    group_size: int = 1,
+    generator: torch.Generator | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
+    use_cache: bool = True,
+) -> Generation:
+    """Sample up to `max_new_tokens` for each prompt (each repeated `group_size` times).
+
+    `stop(ids)` may end a row early (stop strings); `use_cache=False` recomputes the whole sequence
+    at every step: slower, and kept as the reference the cached path is tested against.
+    """
+    if temperature <= 0 and not greedy:
+        raise UserError("--temperature must be > 0; use --greedy for the most likely token")
+    device = next(model.parameters()).device
+    prompt_tokens, n_pad = left_pad(prompts, pad_id)  # (B0, P), (B0,)
+    B0, P = prompt_tokens.shape
+    block = getattr(model.config, "block_size", None)
+    if model.config.arch == "gpt" and P > block:
+        raise UserError(
+            f"the prompt is {P} tokens but the model's context is {block}; shorten the prompt"
+        )
+    if model.config.arch == "gpt":
+        max_new_tokens = min(max_new_tokens, block - P)
+    B, N = B0 * group_size, max_new_tokens
+    prompt_tokens, n_pad = prompt_tokens.to(device), n_pad.to(device)
+
+    tokens = torch.full((B, P + N), pad_id, dtype=torch.long, device=device)  # (B, P+N)
+    tokens[:, :P] = prompt_tokens.repeat_interleave(group_size, dim=0)
+    n_pad = n_pad.repeat_interleave(group_size)
+    # float64 models (the exact-gradient tests) keep float64 log-probs; half precision is lifted to float32
+    logprobs = torch.zeros(B, N, device=device, dtype=torch.promote_types(next(model.parameters()).dtype, torch.float32))
+    response_mask = torch.zeros(B, N, dtype=torch.bool, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    if use_cache:
+        cache = model.new_cache(B0, P + N, n_pad=n_pad[::group_size], device=device)
+        logits = model.forward_cached(prompt_tokens, cache)[:, -1]  # (B0, V): one prefill per prompt
+        if group_size > 1:
+            cache = cache.repeat_interleave(group_size)
+            logits = logits.repeat_interleave(group_size, dim=0)  # (B, V)
+    for t in range(N):
+        if not use_cache:
+            logits = model(tokens[:, : P + t], n_pad=n_pad)[:, -1]  # (B, V)
+        token, logp = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+        alive = ~finished
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        tokens[:, P + t] = token
+        logprobs[:, t] = torch.where(alive, logp, torch.zeros_like(logp))
+        response_mask[:, t] = alive  # eos is inside the mask (estimators.md §2.5)
+        finished |= alive & (token == eos_id)
+        if stop is not None:
+            for i in alive.nonzero().flatten().tolist():
+                if not finished[i] and stop(tokens[i, P : P + t + 1].tolist()):
+                    finished[i] = True
+        if bool(finished.all()):
+            tokens, logprobs, response_mask = tokens[:, : P + t + 1], logprobs[:, : t + 1], response_mask[:, : t + 1]
+            break
+        if use_cache:
+            logits = model.forward_cached(token[:, None], cache)[:, -1]  # (B, V)
+    return Generation(tokens, n_pad, P, response_mask, logprobs, finished)

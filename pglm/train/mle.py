@@ -1,0 +1,197 @@
+"""Maximum-likelihood training: the loop behind `pglm pretrain` and `pglm sft`.
+
+Maximum likelihood is the policy gradient of Σ log π(y|x) with reward 1 on the data; it reads its
+log-probs from the same `token_logprobs` every policy-gradient loss uses. The loop is plain code in
+the order things happen: learning rate, batch, forward, loss, backward, clip, step, log, evaluate,
+checkpoint.
+
+Resuming at step k continues the same trajectory: the batch and the dropout noise of step s are
+drawn from generators seeded by (seed, s), not from a stream that would have to be replayed, and
+the optimizer state is restored from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pglm.data import Batch
+from pglm.evaluate import evaluate_lm
+from pglm.pg.logprobs import masked_mean_nll, token_logprobs
+from pglm.train.checkpoint import save_checkpoint
+from pglm.train.metrics import MetricsLog
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in all (a resumed run continues to this number)
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    min_lr_frac: float = 0.1  # the cosine schedule ends at lr × min_lr_frac
+    warmup_steps: int | None = None  # linear warm-up; None → min(100, steps // 10)
+    weight_decay: float = 0.1  # AdamW decay, on weight matrices only (not norms, biases)
+    beta1: float = 0.9  # AdamW β1
+    beta2: float = 0.95  # AdamW β2 (0.95 as in GPT-3 / nanoGPT for small batches)
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    eval_every: int = 200  # steps between validations (and at the end)
+    eval_tokens: int = 32768  # validation tokens per periodic evaluation; the final one uses all
+    ckpt_every: int = 500  # steps between checkpoints (and at the end)
+    log_every: int = 10  # steps between metrics.jsonl lines
+    seed: int = 0  # seeds data order, initialisation and dropout
+    device: str = "auto"  # auto | cpu | cuda
+    tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard
+
+    def __post_init__(self):
+        if self.warmup_steps is None:
+            self.warmup_steps = min(100, self.steps // 10)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr × min_lr_frac at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * cosine)
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (nanoGPT `configure_optimizers`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen, decay, no_decay = set(), [], []
+    for p in params:
+        if id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def step_rng(seed: int, step: int, micro: int = 0) -> np.random.Generator:
+    """The data generator of one micro-batch: a pure function of (seed, step, micro)."""
+    return np.random.default_rng([seed, step, micro])
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """Turn the first Ctrl-C into a flag the loop reads between steps, so the checkpoint it then
+    writes is of a whole step; a second Ctrl-C interrupts at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train_mle(
+    model,
+    optimizer,
+    cfg: TrainConfig,
+    get_batch: Callable[[np.random.Generator], Batch],
+    val_batches: Callable[[int | None], Iterable[Batch]],
+    run_dir,
+    start_step: int = 0,
+    metrics: MetricsLog | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train from `start_step` to `cfg.steps`; returns the final validation figures.
+
+    get_batch(rng) gives one micro-batch; val_batches(max_tokens) the validation batches (None: all).
+    Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt.
+    """
+    device = next(model.parameters()).device
+    autocast = autocast_for(device)
+    metrics = metrics or MetricsLog(run_dir)
+    model.train()
+    step = start_step
+    last_eval: dict = {}
+
+    def checkpoint(at: int):
+        save_checkpoint(run_dir, at, model, optimizer, {"elapsed": metrics.elapsed(), **last_eval})
+
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc="train", unit="step")
+    t_log, tokens_since_log = time.perf_counter(), 0
+    with stop_on_ctrl_c() as stop_requested:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout noise of this step, reproducible on resume
+
+            # One optimizer step may be several micro-batches. The loss is normalised by the token
+            # count of the whole step, so accumulation gives the gradient of the whole batch.
+            micro = [get_batch(step_rng(cfg.seed, step, i)).to(device) for i in range(cfg.grad_accum)]
+            n_tokens = sum(int(b.mask.sum()) for b in micro)
+            loss_sum = 0.0
+            for b in micro:
+                with autocast():
+                    logits = model(b.x)  # (B, T, V)
+                logp = token_logprobs(logits, b.y)  # (B, T)
+                loss = masked_mean_nll(logp, b.mask, max(n_tokens, 1))
+                loss.backward()
+                loss_sum += loss.item()
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_since_log += sum(b.x.numel() for b in micro)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                tok_s = tokens_since_log / max(now - t_log, 1e-9)
+                metrics.log(step, "mle", loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}")
+                t_log, tokens_since_log = now, 0
+            bar.update(1)
+
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                final = step == cfg.steps
+                last_eval = evaluate_lm(model, val_batches(None if final else cfg.eval_tokens), device, autocast)
+                metrics.log(step, "eval", **last_eval)
+                bar.write(
+                    f"step {step}: val_loss {last_eval['val_loss']:.4f}  val_ppl {last_eval['val_ppl']:.2f}  "
+                    f"val_token_acc {last_eval['val_token_acc']:.3f}"
+                )
+                model.train()
+                t_log = time.perf_counter()  # evaluation time is not training throughput
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_requested.is_set():
+                checkpoint(step)
+            if stop_requested.is_set() and step < cfg.steps:
+                bar.close()
+                raise KeyboardInterrupt
+    bar.close()
+    return last_eval
