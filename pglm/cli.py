@@ -192,6 +192,8 @@ def _start_run(args, command: str, prepare):
         }
         tokenizer.save(out / "tokenizer.json")
         write_json(out / "config.json", config)
+        optimizer = make_optimizer(model, train_cfg)
+        metrics = MetricsLog(out, tensorboard=train_cfg.tensorboard)
     except BaseException:
         # a new run that failed before it started leaves no half-written directory behind
         import shutil
@@ -199,8 +201,6 @@ def _start_run(args, command: str, prepare):
         for child in out.iterdir() if existed else [out]:
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
         raise
-    optimizer = make_optimizer(model, train_cfg)
-    metrics = MetricsLog(out, tensorboard=train_cfg.tensorboard)
     cfg = ModelConfig(**config["model"])
     print(
         f"{command}: {cfg.arch} {config['n_params']:,} parameters ({cfg.n_layer} layers, width {cfg.d_model}, "

@@ -138,3 +138,38 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("pglm eval: error:")
+
+
+def test_chat_continues_each_line_until_end_of_input(run, monkeypatch, capsys):
+    lines = iter(["hello", "world"])
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--ckpt", str(run), "--max-new-tokens", "5", "--greedy"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("pglm chat with")
+    assert len(out) >= 3  # the banner, then one continuation per line typed
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    data = tmp_path / "d.txt"
+    data.write_text("abc " * 100)
+    line = error_line(capsys, 2, ["pretrain", "--data", str(data), "--steps", "1", "--out", str(tmp_path / "o"),
+                                  "--tensorboard", *TINY])
+    assert "pip install 'pglm[tb]'" in line
+    assert not (tmp_path / "o").exists()  # no half run left behind to trip a later --resume
