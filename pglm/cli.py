@@ -171,7 +171,7 @@ def _start_run(args, command: str, prepare):
         print(f"resuming {out} at step {start_step} of {train_cfg.steps}", file=sys.stderr)
         return out, config, tokenizer, model, optimizer, start_step, metrics
 
-    if not args.data:
+    if not args.data and not getattr(args, "task", None):
         raise UserError(f"pglm {command} needs --data (or --resume to continue the run in --out)")
     train_cfg = _train_config(args)
     try:
@@ -220,10 +220,8 @@ def _finish_run(out, config, final_eval, metrics, command):
     write_json(out / "summary.json", summary)
     metrics.close()
     plot_run(out)
-    print(
-        f"done: val_loss {final_eval.get('val_loss', float('nan')):.4f}  val_ppl {final_eval.get('val_ppl', float('nan')):.2f}  "
-        f"val_token_acc {final_eval.get('val_token_acc', float('nan')):.3f}  → {out}"
-    )
+    shown = {k: v for k, v in final_eval.items() if isinstance(v, float)}
+    print("done: " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()) + f"  → {out}")
 
 
 def cmd_pretrain(args):
@@ -264,12 +262,27 @@ def _train_from(config):
 
 
 def cmd_sft(args):
-    from pglm.data import read_sft, sft_batch
+    import random
+
+    from pglm.data import read_sft, sft_batch, sft_example
     from pglm.runs import load_run
+    from pglm.tasks import get_task
     from pglm.train.mle import train_mle
 
+    task = get_task(args.task) if args.task else None
+    if task is not None and args.data:
+        raise UserError("pass --data FILE or --task NAME, not both")
+
     def prepare(out):
-        if args.init:
+        if task is not None:  # solved examples of a built-in task, over the task's own alphabet
+            _model_config(args, vocab_size=1)
+            tokenizer = task.tokenizer()
+            model_cfg = _model_config(args, tokenizer.vocab_size)
+            model = None
+            if args.init:
+                init = load_run(args.init)
+                tokenizer, model, model_cfg = init.tokenizer, init.model, init.model.config
+        elif args.init:
             init = load_run(args.init)
             tokenizer, model = init.tokenizer, init.model
             model_cfg = model.config
@@ -285,31 +298,185 @@ def cmd_sft(args):
 
             tokenizer = _build_tokenizer(args, texts())
             model_cfg, model = _model_config(args, tokenizer.vocab_size), None
-        data_info = {"src": args.data, "val_src": args.val_data, "val_frac": args.val_frac, "init": args.init}
+        data_info = {"src": args.data, "val_src": args.val_data, "val_frac": args.val_frac, "init": args.init,
+                     "task": args.task}
         return tokenizer, data_info, model_cfg, model
 
     out, config, tokenizer, model, optimizer, start, metrics = _start_run(args, "sft", prepare)
     cfg = _train_from(config)
     T = config["model"]["block_size"]
     data = config["data"]
-    train = read_sft(data["src"], tokenizer, T)
-    if data["val_src"]:
-        val = read_sft(data["val_src"], tokenizer, T)
-    else:  # deterministic split: the last val_frac of the rows (at least one row each side)
-        n_val = min(max(1, int(len(train) * data["val_frac"])), len(train) - 1) if len(train) > 1 else 0
-        train, val = train[: len(train) - n_val], train[len(train) - n_val :]
+    task = get_task(data["task"]) if data.get("task") else None
+
+    def solved(rows):
+        return [sft_example(tokenizer, r["prompt"], task.solution(r), T) for r in rows]
+
+    if task is not None:  # fresh training problems every step; validation on the held-out problems
+        train, val = None, solved(task.heldout())
+    else:
+        train = read_sft(data["src"], tokenizer, T)
+        if data["val_src"]:
+            val = read_sft(data["val_src"], tokenizer, T)
+        else:  # deterministic split: the last val_frac of the rows (at least one row each side)
+            n_val = min(max(1, int(len(train) * data["val_frac"])), len(train) - 1) if len(train) > 1 else 0
+            train, val = train[: len(train) - n_val], train[len(train) - n_val :]
 
     def val_batches(max_tokens):
         rows = val if max_tokens is None else val[: max(1, max_tokens // T)]
         for i in range(0, len(rows), cfg.batch_size):
             yield sft_batch(rows[i : i + cfg.batch_size], tokenizer.pad_id)
 
-    final = train_mle(
-        model, optimizer, cfg,
-        get_batch=lambda rng: sft_batch([train[i] for i in rng.integers(0, len(train), cfg.batch_size)], tokenizer.pad_id),
-        val_batches=val_batches, run_dir=out, start_step=start, metrics=metrics, progress=not args.quiet,
-    )
+    def get_batch(rng):
+        if task is not None:
+            return sft_batch(solved(task.train_prompts(random.Random(int(rng.integers(2**63))), cfg.batch_size)),
+                             tokenizer.pad_id)
+        return sft_batch([train[i] for i in rng.integers(0, len(train), cfg.batch_size)], tokenizer.pad_id)
+
+    final = train_mle(model, optimizer, cfg, get_batch=get_batch, val_batches=val_batches, run_dir=out,
+                      start_step=start, metrics=metrics, progress=not args.quiet)
+    if task is not None:
+        from pglm.evaluate import evaluate_task
+
+        final = {**final, **{f"task_{k}": v for k, v in evaluate_task(model, tokenizer, task).items()}}
+        print(f"{task.name}: greedy accuracy {final['task_accuracy']:.3f} on {final['task_n_prompts']} held-out problems")
     _finish_run(out, config, final, metrics, "sft")
+
+
+# ----------------------------------------------------------------------------------------------
+# pglm rl
+
+
+def _check_task_tokenizer(tokenizer, task, where):
+    try:
+        for row in task.heldout()[:50]:
+            tokenizer.encode(row["prompt"] + row["answer"])
+    except UserError:
+        raise UserError(
+            f"the tokenizer of {where} cannot write the {task.name} problems; start from a model trained on "
+            f"the task, e.g. pglm sft --task {task.name} --steps 600 --out runs/{task.name}-sft"
+        ) from None
+
+
+def _read_prompt_rows(path: str) -> list[dict]:
+    from pglm.data import _jsonl_rows, source_files
+
+    rows = []
+    for f in source_files(path):
+        for lineno, row in _jsonl_rows(f):
+            if not isinstance(row.get("prompt"), str):
+                raise UserError(f"{f}:{lineno}: no string field 'prompt'; write lines such as {{\"prompt\": \"2+2=\", \"answer\": \"4\"}}")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"--prompts {path} holds no prompts")
+    return rows
+
+
+def cmd_rl(args):
+    from dataclasses import fields as dc_fields
+
+    from pglm.models import ModelConfig
+    from pglm.pg.advantages import MovingBaseline
+    from pglm.pg.presets import describe, get_preset
+    from pglm.rewards.loader import load_rewards
+    from pglm.runs import load_run
+    from pglm.tasks import get_task
+    from pglm.train.checkpoint import load_optimizer, load_weights, prepare_out_dir, read_json, write_json
+    from pglm.train.metrics import MetricsLog
+    from pglm.train.mle import resolve_device
+    from pglm.train.rl import (
+        RLConfig,
+        ValueHead,
+        check_shapes,
+        file_rows,
+        frozen_copy,
+        make_rl_optimizer,
+        task_rows,
+        train_rl,
+    )
+
+    names = {f.name for f in dc_fields(RLConfig)}
+    if args.resume:
+        config = read_json(Path(args.out) / "config.json") if (Path(args.out) / "config.json").is_file() else None
+        if config is None or config.get("command") != "rl":
+            raise UserError(f"--resume: {args.out} holds no pglm rl run; drop --resume to start one")
+        cfg = RLConfig(**config["rl"])
+        if args.steps is not None:
+            cfg.steps = args.steps
+        source = config["source"]
+    else:
+        if not args.init:
+            raise UserError("pglm rl needs --init RUN: a model trained by pglm pretrain or sft")
+        if (args.task is None) == (args.prompts is None):
+            raise UserError("pass --task NAME, or --prompts FILE.jsonl with --reward SPEC")
+        if args.prompts and not args.reward:
+            raise UserError("--prompts needs --reward SPEC (module:function or path/to/file.py:function)")
+        cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+        source = {"task": args.task, "prompts": args.prompts, "reward": args.reward, "reward_weight": args.reward_weight}
+    preset = get_preset(cfg.algo)
+    check_shapes(preset, cfg)
+
+    # What to learn from: a built-in task, or prompts and reward functions of the user's.
+    task = get_task(source["task"]) if source["task"] else None
+    if task is not None:
+        reward_fn, draw_rows = task.reward, task_rows(task, cfg.seed, cfg.prompts_per_step)
+    else:
+        reward_fn = load_rewards(source["reward"], source["reward_weight"])
+        draw_rows = file_rows(_read_prompt_rows(source["prompts"]), cfg.seed, cfg.prompts_per_step)
+    N = cfg.max_new_tokens or (task.max_new_tokens if task else None)
+    if N is None:
+        raise UserError("--prompts needs --max-new-tokens N: how long a completion may be")
+
+    device = resolve_device(cfg.device)
+    existed = Path(args.out).exists()
+    out = prepare_out_dir(args.out, args.resume, args.overwrite)
+    try:
+        init = load_run(args.init if not args.resume else out, device)
+        model, tokenizer = init.model, init.tokenizer
+        if task is not None:
+            _check_task_tokenizer(tokenizer, task, args.init or out)
+        longest = max(len(tokenizer.encode(r["prompt"])) for r in (task.heldout() if task else draw_rows(0))) + 1
+        if model.config.arch == "gpt" and longest + N > model.config.block_size:
+            raise UserError(f"prompts of {longest} tokens plus --max-new-tokens {N} exceed the model's context of "
+                            f"{model.config.block_size}; lower --max-new-tokens")
+        value_head = ValueHead(model.config.d_model).to(device) if preset.advantage == "gae" else None
+        baseline = MovingBaseline() if preset.advantage == "moving" else None
+        lr = cfg.lr if cfg.lr is not None else preset.lr
+        optimizer = make_rl_optimizer(model, value_head, lr, cfg)
+        if args.resume:
+            state = read_json(init.ckpt_dir / "state.json")
+            start = int(state["step"])
+            load_optimizer(optimizer, init.ckpt_dir)
+            if value_head is not None:
+                load_weights(value_head, init.ckpt_dir, "value_head")
+            if baseline is not None and "baseline" in state:
+                baseline.load_state_dict(state["baseline"])
+            ref_model = load_run(config["init"], device).model if cfg.beta > 0 else None
+            metrics = MetricsLog(out, resume_step=start, elapsed=state.get("elapsed", 0.0))
+            config["rl"] = asdict(cfg)
+            write_json(out / "config.json", config)
+        else:
+            start = 0
+            ref_model = frozen_copy(model) if cfg.beta > 0 else None  # loaded only when β > 0
+            config = {"pglm_version": __version__, "command": "rl", "init": str(init.ckpt_dir),
+                      "model": asdict(ModelConfig(**asdict(model.config))), "rl": asdict(cfg), "source": source,
+                      "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}
+            tokenizer.save(out / "tokenizer.json")
+            write_json(out / "config.json", config)
+            metrics = MetricsLog(out)
+    except BaseException:
+        if not args.resume:  # a run that never started leaves nothing behind
+            import shutil
+
+            for child in out.iterdir() if existed else [out]:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+        raise
+    print(describe(preset, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
+    print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} samples per step, lr {lr:g}, {cfg.steps} steps "
+          f"from {config['init']} → {out}", file=sys.stderr)
+    final = train_rl(model, tokenizer, preset, cfg, draw_rows, reward_fn, task, N, out, optimizer,
+                     value_head=value_head, ref_model=ref_model, baseline=baseline, start_step=start,
+                     metrics=metrics, progress=not args.quiet)
+    _finish_run(out, {"train": {"steps": cfg.steps}, **config}, final, metrics, "rl")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +491,25 @@ def cmd_eval(args):
     from pglm.runs import load_run
     from pglm.train.mle import resolve_device
 
+    if (args.data is None) == (args.task is None):
+        raise UserError("pass --data FILE (loss, perplexity) or --task NAME (accuracy, pass@k)")
     device = resolve_device(args.device)
+    if args.task:
+        from pglm.evaluate import evaluate_task
+        from pglm.tasks import get_task
+
+        task = get_task(args.task)
+        run = load_run(args.ckpt, device)
+        _check_task_tokenizer(run.tokenizer, task, args.ckpt)
+        result = {"ckpt": str(run.ckpt_dir), "task": task.name,
+                  **evaluate_task(run.model, run.tokenizer, task, samples=args.samples, temperature=args.temperature)}
+        print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                             for k, v in result.items()))
+        if args.out:
+            from pglm.train.checkpoint import write_json
+
+            write_json(Path(args.out), result)
+        return
     run = load_run(args.ckpt, device)
     T, tok = run.model.config.block_size, run.tokenizer
     if args.data.endswith(".jsonl") and _looks_like_sft(args.data):
@@ -491,16 +676,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning on prompt/completion JSONL",
                        description="Maximum likelihood on the completions of prompt/completion JSONL (the loss skips prompt tokens).")
     data_flags(p, "FILE.jsonl with 'prompt' and 'completion' fields")
+    p.add_argument("--task", help="instead of --data: solved problems of a built-in task (add2, reverse, sort_digits)")
     p.add_argument("--init", help="start from this run or checkpoint (its model and tokenizer)")
     _add_tokenizer_flags(p)
     _add_model_flags(p)
     _add_train_flags(p)
     p.set_defaults(func=cmd_sft)
 
+    from pglm.pg.presets import PRESETS
+    from pglm.train.rl import RLConfig
+
+    d = RLConfig()
+    p = sub.add_parser("rl", help="tune a model by policy gradient against a reward",
+                       description="Tune a model by policy gradient: maximise the expected reward of its samples.")
+    p.add_argument("--init", help="the run or checkpoint to start from (its model and tokenizer)")
+    p.add_argument("--task", help="a built-in task: add2 | reverse | sort_digits")
+    p.add_argument("--prompts", help="instead of --task: JSONL with a 'prompt' field; other fields reach the reward")
+    p.add_argument("--reward", action="append", help="with --prompts: module:function or path/to/file.py:function "
+                   "(repeatable; builtin:exact_match, builtin:numeric_match, builtin:chrf, builtin:bleu)")
+    p.add_argument("--reward-weight", action="append", type=float, help="weight of each --reward, in order")
+    p.add_argument("--algo", default=d.algo, help=f"{' | '.join(PRESETS)} (default {d.algo})")
+    p.add_argument("--steps", type=int, help=f"rollouts, one or more optimizer steps each (default {d.steps})")
+    p.add_argument("--group-size", type=int, help=f"samples per prompt (default {d.group_size})")
+    p.add_argument("--prompts-per-step", type=int, help=f"prompts per rollout (default {d.prompts_per_step})")
+    p.add_argument("--lr", type=float, help="learning rate (default: the algorithm's, see docs/rl.md)")
+    p.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default {d.warmup_steps})")
+    p.add_argument("--beta", type=float, help="KL coefficient to the initial model; 0 = no reference (default 0)")
+    p.add_argument("--epochs", type=int, help="passes over each rollout (default 1)")
+    p.add_argument("--minibatches", type=int, help="optimizer steps per pass (default 1)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, help="longest completion (default: the task's)")
+    p.add_argument("--truncation", help="responses without eos: keep | mask | penalise (default: the algorithm's)")
+    p.add_argument("--eval-every", type=int, help=f"steps between held-out evaluations (default {d.eval_every})")
+    p.add_argument("--eval-samples", type=int, help=f"samples per held-out problem for pass@k (default {d.eval_samples})")
+    p.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out problems (default all)")
+    p.add_argument("--ckpt-every", type=int, help=f"steps between checkpoints (default {d.ckpt_every})")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.set_defaults(func=cmd_rl)
+
     p = sub.add_parser("eval", help="loss, perplexity and next-token accuracy on a file",
                        description="Validation loss, perplexity and next-token accuracy of a checkpoint on a file.")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoints/step_N")
-    p.add_argument("--data", required=True, help="text file, glob, JSONL with a text field, prompt/completion JSONL, or builtin:python-docs")
+    p.add_argument("--data", help="text file, glob, JSONL with a text field, prompt/completion JSONL, or builtin:python-docs")
+    p.add_argument("--task", help="instead of --data: greedy accuracy and pass@k on a built-in task's held-out problems")
+    p.add_argument("--samples", type=int, default=8, help="--task: samples per problem for pass@k (default 8; 0 = greedy only)")
+    p.add_argument("--temperature", type=float, default=1.0, help="--task: sampling temperature for pass@k (default 1.0)")
     p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default 'text')")
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default 16)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")

@@ -283,6 +283,13 @@ class SFTExample:
     n_prompt: int  # bos + prompt tokens: targets before this index are not trained on
 
 
+def sft_example(tokenizer, prompt: str, completion: str, block_size: int) -> SFTExample | None:
+    """<bos> prompt completion <eos>, cut to block_size + 1 tokens; None when the prompt fills it all."""
+    p = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    ids = (p + tokenizer.encode(completion) + [tokenizer.eos_id])[: block_size + 1]
+    return SFTExample(ids, len(p)) if len(p) < len(ids) else None
+
+
 def read_sft(path: str, tokenizer, block_size: int) -> list[SFTExample]:
     """Read prompt/completion JSONL; sequences longer than block_size + 1 keep their first tokens."""
     files = source_files(path)
@@ -297,15 +304,13 @@ def read_sft(path: str, tokenizer, block_size: int) -> list[SFTExample]:
                     f"{file}:{lineno}: SFT rows need string fields 'prompt' and 'completion'; "
                     'write lines such as {"prompt": "2+2=", "completion": "4"}'
                 )
-            p = [tokenizer.bos_id, *tokenizer.encode(prompt)]
-            c = [*tokenizer.encode(completion), tokenizer.eos_id]
-            ids = (p + c)[: block_size + 1]
-            if len(p) >= len(ids):
+            example = sft_example(tokenizer, prompt, completion, block_size)
+            if example is None:
                 raise UserError(
                     f"{file}:{lineno}: the prompt alone fills the context of {block_size} tokens; "
                     "shorten it or use a larger --block-size"
                 )
-            examples.append(SFTExample(ids, len(p)))
+            examples.append(example)
     if not examples:
         raise UserError(f"{path} holds no examples; add lines such as {{\"prompt\": ..., \"completion\": ...}}")
     return examples

@@ -207,13 +207,16 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             x = block(x, cos, sin, mask, is_causal, kv, start)
-        x = self.norm_f(x)
-        return self.lm_head(x)  # (B, T, V)
+        return self.norm_f(x)  # (B, T, C)
 
     # ---- the model interface shared with LSTMLM ----
 
     def forward(self, tokens: torch.Tensor, n_pad: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V); position t predicts token t+1. n_pad (B,): left padding."""
+        return self.lm_head(self.features(tokens, n_pad))  # (B, T, V)
+
+    def features(self, tokens: torch.Tensor, n_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> the final hidden states (B, T, C) that lm_head reads (a value head reads them too)."""
         self._check_context(tokens.shape[1], n_pad)
         return self._run(tokens, n_pad)
 
@@ -238,6 +241,6 @@ class GPT(nn.Module):
             raise ValueError(
                 f"KV cache of {cache.max_len} slots is full ({cache.filled} filled, {T} more asked)"
             )
-        logits = self._run(tokens, cache.n_pad, cache.filled, cache)
+        logits = self.lm_head(self._run(tokens, cache.n_pad, cache.filled, cache))  # (B, T_new, V)
         cache.filled += T
         return logits

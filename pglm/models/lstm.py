@@ -91,6 +91,10 @@ class LSTMLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, n_pad: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V); position t predicts token t+1. n_pad (B,): left padding."""
+        return self.lm_head(self.features(tokens, n_pad))  # (B, T, V)
+
+    def features(self, tokens: torch.Tensor, n_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> the hidden states (B, T, H) that lm_head reads (a value head reads them too)."""
         if n_pad is None:
             out, _ = self.lstm(self.drop(self.embed(tokens)))  # (B, T, H)
         else:
@@ -98,7 +102,7 @@ class LSTMLM(nn.Module):
             x = self.drop(self.embed(roll_rows(tokens, n_pad)))  # (B, T, H) real tokens first, pads last
             out, _ = self.lstm(x)  # (B, T, H)
             out = roll_rows(out, -n_pad)  # back to the caller's slots; pad slots hold finite garbage
-        return self.lm_head(self.drop(out))  # (B, T, V)
+        return self.drop(out)  # (B, T, H)
 
     def new_cache(self, batch_size: int, max_len: int, n_pad=None, device=None, dtype=None) -> LSTMState:
         """A zero state. `max_len` is accepted for the shared interface and unused: the state has no slots."""

@@ -42,8 +42,11 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path} cannot be read as JSON ({e}); the run directory may be damaged") from None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict | None = None) -> Path:
-    """Write checkpoints/step_{step} atomically and point `latest` at it."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict | None = None, extra=None) -> Path:
+    """Write checkpoints/step_{step} atomically and point `latest` at it.
+
+    `extra` maps a name to another module saved beside the model as NAME.safetensors (PPO's value head).
+    """
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_root.glob(".tmp-*"):  # left by a crash in the middle of an earlier write
@@ -51,6 +54,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
     name = f"step_{step}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-{name}-"))
     save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) weights
+    for name, module in (extra or {}).items():
+        save_model(module, str(tmp / f"{name}.safetensors"))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     write_json(tmp / "state.json", {"step": step, **(state or {})})
@@ -88,9 +93,11 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, ckpt
 
 
-def load_weights(model, ckpt_dir: Path) -> None:
-    """Load model.safetensors into `model`, turning damage into one clear line."""
-    file = Path(ckpt_dir) / "model.safetensors"
+def load_weights(model, ckpt_dir: Path, name: str = "model") -> None:
+    """Load NAME.safetensors into `model`, turning damage into one clear line."""
+    file = Path(ckpt_dir) / f"{name}.safetensors"
+    if not file.is_file():
+        raise UserError(f"{file} is missing; the checkpoint is incomplete, use an earlier checkpoints/step_N")
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
