@@ -54,8 +54,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
     name = f"step_{step}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-{name}-"))
     save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) weights
-    for name, module in (extra or {}).items():
-        save_model(module, str(tmp / f"{name}.safetensors"))
+    for part, module in (extra or {}).items():
+        save_model(module, str(tmp / f"{part}.safetensors"))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     write_json(tmp / "state.json", {"step": step, **(state or {})})

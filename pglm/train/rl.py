@@ -295,7 +295,9 @@ def train_rl(
 
             # 5. Log.
             frac_zero = float(zero_std.float().mean())
-            row = {k: v / n_updates for k, v in stats_sum.items()}
+            # A step with nothing to learn from (every token masked) logs its loss statistics as null.
+            row = dict.fromkeys(("loss", "grad_norm", "entropy", "clip_frac", "approx_kl"), float("nan"))
+            row.update({k: v / n_updates for k, v in stats_sum.items()})
             row.update(
                 reward_mean=float(ro.rewards.mean()), reward_std=float(ro.rewards.std()) if B > 1 else 0.0,
                 response_len=float(ro.mask.float().sum(1).mean()), frac_zero_std_groups=frac_zero,

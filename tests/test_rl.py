@@ -1,0 +1,154 @@
+"""pglm rl end to end on tiny models: the run-directory contract, resume, pre-launch checks, bad input."""
+
+import json
+import os
+import signal
+
+import pytest
+
+import pglm.train.rl
+from pglm.cli import main
+from pglm.pg.presets import PRESETS
+from pglm.runs import load_run
+
+TINY = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "8", "--quiet"]
+RL = ["--steps", "3", "--prompts-per-step", "2", "--group-size", "4", "--eval-every", "3", "--eval-limit", "8",
+      "--eval-samples", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rl")
+    for arch in ("gpt", "lstm"):
+        assert main(["sft", "--task", "add2", "--model", arch, "--steps", "2", "--out", str(tmp / arch), *TINY]) == 0
+    return tmp
+
+
+def rows(run, phase):
+    return [r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if r["phase"] == phase]
+
+
+@pytest.mark.parametrize("algo", sorted(PRESETS))
+def test_every_preset_runs_and_logs_the_contract(init, tmp_path, algo):
+    out = tmp_path / algo
+    assert main(["rl", "--init", str(init / "gpt"), "--task", "add2", "--algo", algo, "--beta", "0.05",
+                 "--out", str(out), *RL]) == 0
+    rl = rows(out, "rl")
+    assert [r["step"] for r in rl] == [1, 2, 3]
+    keys = {"reward_mean", "reward_std", "kl", "entropy", "clip_frac", "approx_kl", "response_len",
+            "frac_zero_std_groups", "samples_per_s"}
+    assert all(keys <= r.keys() for r in rl), keys - rl[0].keys()
+    assert all(r["updates"] == 0 or r["entropy"] > 0 for r in rl)
+    evals = rows(out, "eval")
+    assert [r["step"] for r in evals] == [0, 3] and all({"accuracy", "pass@1", "pass@2"} <= r.keys() for r in evals)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_3"
+    assert load_run(out).model.config.arch == "gpt"  # the tuned model loads like any run
+    if algo == "ppo":
+        assert (out / "checkpoints" / "step_3" / "value_head.safetensors").is_file()
+
+
+def test_lstm_policy_and_prompt_file_with_user_reward(init, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(10)))
+    reward = tmp_path / "r.py"
+    reward.write_text("def len_reward(prompts, completions, answer, **kw):\n    return [float(len(c)) for c in completions]\n")
+    out = tmp_path / "run"
+    assert main(["rl", "--init", str(init / "lstm"), "--prompts", str(prompts), "--reward", f"{reward}:len_reward",
+                 "--reward", "builtin:exact_match", "--reward-weight", "0.5", "--reward-weight", "1",
+                 "--max-new-tokens", "3", "--algo", "rloo", "--out", str(out), *RL]) == 0
+    assert all(r["reward_mean"] > 0 for r in rows(out, "rl"))  # 0.5 × length: the user's reward arrived
+
+
+def test_interrupt_then_resume_continues_the_same_trajectory(init, tmp_path, monkeypatch):
+    flags = ["rl", "--init", str(init / "gpt"), "--task", "add2", "--algo", "ppo", "--steps", "4",
+             "--prompts-per-step", "2", "--group-size", "4", "--eval-every", "100", "--eval-samples", "0",
+             "--eval-limit", "4", "--minibatches", "2", "--epochs", "2", "--quiet"]
+    assert main([*flags, "--out", str(tmp_path / "straight")]) == 0
+    real = pglm.train.rl.collect_rollout
+    calls = {"n": 0}
+
+    def rollout(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 2: it finishes, then a checkpoint
+        return real(*a, **k)
+
+    monkeypatch.setattr(pglm.train.rl, "collect_rollout", rollout)
+    assert main([*flags, "--out", str(tmp_path / "split")]) == 130
+    monkeypatch.undo()
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text().strip() == "step_2"
+    assert main(["rl", "--out", str(tmp_path / "split"), "--resume", "--quiet"]) == 0
+
+    def trajectory(run):
+        return [(r["step"], r["reward_mean"], r["loss"], r["grad_norm"]) for r in rows(run, "rl")]
+
+    assert trajectory(tmp_path / "split") == trajectory(tmp_path / "straight")
+
+
+def test_zero_variance_warning(init, tmp_path, capsys):
+    reward = tmp_path / "const.py"
+    reward.write_text("def const(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1+1="}\n')
+    assert main(["rl", "--init", str(init / "gpt"), "--prompts", str(prompts), "--reward", f"{reward}:const",
+                 "--max-new-tokens", "2", "--out", str(tmp_path / "run"), *RL[:-1], "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "every group of 4 samples got equal rewards" in out and "trl#2703" in out
+
+
+def error_line(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_pre_launch_checks(init, tmp_path, capsys):
+    base = ["rl", "--init", str(init / "gpt"), "--task", "add2", "--out", str(tmp_path / "o")]
+    assert "unknown algorithm 'a2c'" in error_line(capsys, [*base, "--algo", "a2c"])
+    assert "unknown task 'add3'" in error_line(capsys, ["rl", "--init", str(init / "gpt"), "--task", "add3", "--out", str(tmp_path / "o")])
+    line = error_line(capsys, [*base, "--prompts-per-step", "3", "--group-size", "4", "--minibatches", "5"])
+    assert "12 completions do not split into 5" in line and "--minibatches 1, 2, 3, 4, 6, 12" in line
+    assert "--group-size 2 or more" in error_line(capsys, [*base, "--algo", "rloo", "--group-size", "1"])
+    assert "exceed the model's context" in error_line(capsys, [*base, "--max-new-tokens", "40"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_reward_spec_that_does_not_import(init, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1+1="}\n')
+    line = error_line(capsys, ["rl", "--init", str(init / "gpt"), "--prompts", str(prompts), "--reward",
+                               "no_such_module_xyz:f", "--max-new-tokens", "2", "--out", str(tmp_path / "o")])
+    assert "no_such_module_xyz" in line
+
+
+def test_prompt_file_without_a_prompt_field(init, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1+1="}\n{"question": "2+2="}\n')
+    line = error_line(capsys, ["rl", "--init", str(init / "gpt"), "--prompts", str(prompts), "--reward",
+                               "builtin:exact_match", "--max-new-tokens", "2", "--out", str(tmp_path / "o")])
+    assert "p.jsonl:2: no string field 'prompt'" in line
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("    if calls.append(1) or len(calls) > 2:\n        raise ValueError('boom')\n    return [0.5] * len(completions)",
+     "raised ValueError on sample 0"),
+    ("    return [float('nan') if len(calls.append(1) or calls) > 2 else 0.5] * len(completions)", "returned nan for sample 0"),
+    ("    return [0.5] * (len(completions) - (1 if len(calls.append(1) or calls) > 2 else 0))", "returned 7 values for 8"),
+])
+def test_a_failing_reward_stops_with_one_line_and_keeps_the_checkpoints(init, tmp_path, capsys, body, expected):
+    reward = tmp_path / "bad.py"
+    reward.write_text(f"calls = []\ndef bad(prompts, completions, **kw):\n{body}\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1+1="}\n{"prompt": "2+2="}\n')
+    out = tmp_path / "run"
+    rc = main(["rl", "--init", str(init / "gpt"), "--prompts", str(prompts), "--reward", f"{reward}:bad",
+               "--max-new-tokens", "2", "--steps", "5", "--ckpt-every", "1", "--prompts-per-step", "2",
+               "--group-size", "4", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err
+    line = err.splitlines()[-1]  # after the objective printed at launch: exactly one error line
+    assert line.startswith("pglm rl: error: reward ") and f"{reward}:bad" in line and expected in line, line
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"  # the reward failed in step 3
+    assert load_run(out).ckpt_dir.name == "step_2"
