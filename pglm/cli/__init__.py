@@ -1,0 +1,160 @@
+"""The `pglm` command. Thin: each verb parses its flags and calls the library in recipe order.
+
+Verbs live by stage: train.py (prepare, pretrain, sft), rl.py (rl), apply.py (eval, generate, chat,
+plot); flags.py holds the flag groups they share.
+
+Exit codes (DESIGN.md): 0 success, 2 a user error (one line on stderr naming the problem and the
+fix, no traceback), 1 an internal error, 130 interrupted by Ctrl-C (after saving a checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pglm import __version__
+from pglm.cli.apply import cmd_chat, cmd_eval, cmd_generate, cmd_plot
+from pglm.cli.flags import add_model_flags, add_sampling_flags, add_tokenizer_flags, add_train_flags
+from pglm.cli.rl import cmd_rl
+from pglm.cli.train import cmd_prepare, cmd_pretrain, cmd_sft
+from pglm.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the contract) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pglm", description="Policy-gradient language models: from raw text to a model tuned by policy gradient.")
+    parser.add_argument("--version", action="version", version=f"pglm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="VERB")
+
+    def data_flags(p, what="SRC: a text file, a glob, a JSONL file with a text field, or builtin:python-docs"):
+        p.add_argument("--data", help=what + " (required unless --resume)")
+        p.add_argument("--val-data", help="validation data (default: the last --val-frac of --data)")
+        p.add_argument("--val-frac", type=float, default=0.1, help="share held out for validation (default 0.1)")
+        p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default 'text')")
+
+    p = sub.add_parser("prepare", help="tokenise a corpus into token files", description="Tokenise a corpus into OUT/train.bin and OUT/val.bin.")
+    data_flags(p)
+    add_tokenizer_flags(p)
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous output")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="train a language model by maximum likelihood on raw text",
+                       description="Train a GPT or LSTM language model by maximum likelihood on raw text.")
+    data_flags(p)
+    add_tokenizer_flags(p)
+    add_model_flags(p)
+    add_train_flags(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on prompt/completion JSONL",
+                       description="Maximum likelihood on the completions of prompt/completion JSONL (the loss skips prompt tokens).")
+    data_flags(p, "FILE.jsonl with 'prompt' and 'completion' fields")
+    p.add_argument("--task", help="instead of --data: solved problems of a built-in task (add2, reverse, sort_digits)")
+    p.add_argument("--init", help="start from this run or checkpoint (its model and tokenizer)")
+    add_tokenizer_flags(p)
+    add_model_flags(p)
+    add_train_flags(p)
+    p.set_defaults(func=cmd_sft)
+
+    from pglm.pg.presets import PRESETS
+    from pglm.train.rl import RLConfig
+
+    d = RLConfig()
+    p = sub.add_parser("rl", help="tune a model by policy gradient against a reward",
+                       description="Tune a model by policy gradient: maximise the expected reward of its samples.")
+    p.add_argument("--init", help="the run or checkpoint to start from (its model and tokenizer)")
+    p.add_argument("--task", help="a built-in task: add2 | reverse | sort_digits")
+    p.add_argument("--prompts", help="instead of --task: JSONL with a 'prompt' field; other fields reach the reward")
+    p.add_argument("--reward", action="append", help="with --prompts: module:function or path/to/file.py:function "
+                   "(repeatable; builtin:exact_match, builtin:numeric_match, builtin:chrf, builtin:bleu)")
+    p.add_argument("--reward-weight", action="append", type=float, help="weight of each --reward, in order")
+    p.add_argument("--algo", default=d.algo, help=f"{' | '.join(PRESETS)} (default {d.algo})")
+    p.add_argument("--steps", type=int, help=f"rollouts, one or more optimizer steps each (default {d.steps})")
+    p.add_argument("--group-size", type=int, help=f"samples per prompt (default {d.group_size})")
+    p.add_argument("--prompts-per-step", type=int, help=f"prompts per rollout (default {d.prompts_per_step})")
+    p.add_argument("--lr", type=float, help="learning rate (default: the algorithm's, see docs/rl.md)")
+    p.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default {d.warmup_steps})")
+    p.add_argument("--beta", type=float, help="KL coefficient to the initial model; 0 = no reference (default 0)")
+    p.add_argument("--epochs", type=int, help="passes over each rollout (default 1)")
+    p.add_argument("--minibatches", type=int, help="optimizer steps per pass (default 1)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, help="longest completion (default: the task's)")
+    p.add_argument("--truncation", help="responses without eos: keep | mask | penalise (default: the algorithm's)")
+    p.add_argument("--eval-every", type=int, help=f"steps between held-out evaluations (default {d.eval_every})")
+    p.add_argument("--eval-samples", type=int, help=f"samples per held-out problem for pass@k (default {d.eval_samples})")
+    p.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out problems (default all)")
+    p.add_argument("--ckpt-every", type=int, help=f"steps between checkpoints (default {d.ckpt_every})")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("eval", help="loss, perplexity and next-token accuracy on a file",
+                       description="Validation loss, perplexity and next-token accuracy of a checkpoint on a file.")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoints/step_N")
+    p.add_argument("--data", help="text file, glob, JSONL with a text field, prompt/completion JSONL, or builtin:python-docs")
+    p.add_argument("--task", help="instead of --data: greedy accuracy and pass@k on a built-in task's held-out problems")
+    p.add_argument("--samples", type=int, default=8, help="--task: samples per problem for pass@k (default 8; 0 = greedy only)")
+    p.add_argument("--temperature", type=float, default=1.0, help="--task: sampling temperature for pass@k (default 1.0)")
+    p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default 'text')")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default 16)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--out", help="also write the figures as JSON to this file")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint", description="Sample continuations of a prompt.")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoints/step_N")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw, as one batch (default 1)")
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="type text, the model continues it", description="Interactive sampling from a checkpoint.")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoints/step_N")
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("plot", help="draw the curves of a run", description="Draw RUN/plots/*.png from RUN/metrics.jsonl.")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed as one line)
+        return int(e.code or 0)
+    try:
+        args.func(args)
+        return 0
+    except UserError as e:
+        print(f"pglm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        if args.command in ("pretrain", "sft") and out and (Path(out) / "checkpoints" / "latest").is_file():
+            latest = (Path(out) / "checkpoints" / "latest").read_text().strip()
+            print(f"\ninterrupted: {out}/checkpoints/{latest} is saved; continue with: pglm {args.command} --out {out} --resume",
+                  file=sys.stderr)
+        else:
+            print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""pglm eval, generate, chat and plot: using a trained model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pglm.cli.flags import check_sampling_args
+from pglm.cli.train import check_task_tokenizer
+from pglm.errors import UserError
+
+
+def cmd_eval(args):
+    import tempfile
+
+    from pglm.data import encode_to_file, load_tokens, read_sft, sequential_windows, sft_batch, token_dtype
+    from pglm.evaluate import evaluate_lm
+    from pglm.runs import load_run
+    from pglm.train.mle import resolve_device
+
+    if (args.data is None) == (args.task is None):
+        raise UserError("pass --data FILE (loss, perplexity) or --task NAME (accuracy, pass@k)")
+    device = resolve_device(args.device)
+    if args.task:
+        from pglm.evaluate import evaluate_task
+        from pglm.tasks import get_task
+
+        task = get_task(args.task)
+        run = load_run(args.ckpt, device)
+        check_task_tokenizer(run.tokenizer, task, args.ckpt)
+        result = {"ckpt": str(run.ckpt_dir), "task": task.name,
+                  **evaluate_task(run.model, run.tokenizer, task, samples=args.samples, temperature=args.temperature)}
+        print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                             for k, v in result.items()))
+        if args.out:
+            from pglm.train.checkpoint import write_json
+
+            write_json(Path(args.out), result)
+        return
+    run = load_run(args.ckpt, device)
+    T, tok = run.model.config.block_size, run.tokenizer
+    if args.data.endswith(".jsonl") and _looks_like_sft(args.data):
+        rows = read_sft(args.data, tok, T)
+        batches = (sft_batch(rows[i : i + args.batch_size], tok.pad_id) for i in range(0, len(rows), args.batch_size))
+        result = evaluate_lm(run.model, batches, device)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            n = encode_to_file(args.data, tok, Path(tmp) / "eval.bin", args.text_field)
+            if n < 2:
+                raise UserError(f"--data {args.data} holds no text to evaluate; pass a non-empty file")
+            tokens = load_tokens(Path(tmp) / "eval.bin", __import__("numpy").dtype(token_dtype(tok.vocab_size)).name)
+            result = evaluate_lm(run.model, sequential_windows(tokens, args.batch_size, T), device)
+    result = {"ckpt": str(run.ckpt_dir), "data": args.data, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{run.ckpt_dir} on {args.data}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
+              f"val_token_acc {result['val_token_acc']:.3f}  ({result['val_tokens']:,} tokens)")
+    if args.out:
+        from pglm.train.checkpoint import write_json
+
+        write_json(Path(args.out), result)
+
+
+def _looks_like_sft(path):
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    row = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return False
+                return isinstance(row, dict) and "prompt" in row and "completion" in row
+    return False
+
+
+def _sample(run, prompts: list[str], args, group_size: int):
+    import torch
+
+    from pglm.sampling import generate
+
+    tok, model = run.tokenizer, run.model
+    ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+    P = max(len(i) for i in ids)
+    if model.config.arch == "gpt":
+        if P > model.config.block_size:
+            raise UserError(
+                f"the prompt is {P} tokens but the model's context is {model.config.block_size}; shorten the prompt"
+            )
+        if P + args.max_new_tokens > model.config.block_size:
+            print(f"note: the context of {model.config.block_size} tokens leaves room for "
+                  f"{model.config.block_size - P} new tokens", file=sys.stderr)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    stops = args.stop or []
+    stop = (lambda row: any(s in tok.decode(row) for s in stops)) if stops else None
+    out = generate(
+        model, ids, args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, group_size=group_size, generator=gen, stop=stop,
+    )
+    texts = []
+    for i in range(out.tokens.size(0)):
+        text = tok.decode(out.response_ids(i))
+        for s in stops:  # cut at the first stop string, which is not part of the answer
+            if s in text:
+                text = text[: text.index(s)]
+        texts.append(text)
+    return texts
+
+
+
+
+def cmd_generate(args):
+    from pglm.runs import load_run
+    from pglm.train.mle import resolve_device
+
+    check_sampling_args(args)
+    if args.num_samples <= 0:
+        raise UserError("--num-samples must be positive")
+    run = load_run(args.ckpt, resolve_device(args.device))
+    texts = _sample(run, [args.prompt], args, args.num_samples)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + text)
+
+
+def cmd_chat(args):
+    from pglm.runs import load_run
+    from pglm.train.mle import resolve_device
+
+    check_sampling_args(args)
+    run = load_run(args.ckpt, resolve_device(args.device))
+    print(f"pglm chat with {run.ckpt_dir}: type text and the model continues it; an empty line or Ctrl-D quits.")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            break
+        if not line.strip():
+            break
+        print(_sample(run, [line], args, 1)[0].strip("\n"))
+        args.seed += 1  # a new draw each turn
+
+
+def cmd_plot(args):
+    from pglm.plots import plot_run
+
+    if not (Path(args.run) / "metrics.jsonl").is_file():
+        raise UserError(f"{args.run} has no metrics.jsonl; pass a run directory written by pglm")
+    for path in plot_run(args.run):
+        print(path)

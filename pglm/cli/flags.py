@@ -1,0 +1,123 @@
+"""Flag groups shared by several verbs, and turning them into configs and tokenizers."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from pglm.errors import UserError
+
+
+def add_tokenizer_flags(p):
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer", default="char", help="char | word | bpe | hf:PATH (a tokenizer.json or a directory holding one)")
+    g.add_argument("--vocab-size", type=int, help="bpe: vocabulary size to train (default 4096); char/word: keep the most frequent")
+    g.add_argument("--zh", action="store_true", help="word: segment Chinese with jieba (pip install 'pglm[zh]')")
+    g.add_argument(
+        "--lower", action="store_true",
+        help="word: lower-case the text. Off by default: it changes the language being modelled",
+    )
+    g.add_argument(
+        "--stopwords", metavar="FILE",
+        help="word: drop the words listed in FILE (one per line). Off by default: it changes the language being modelled",
+    )
+    g.add_argument("--min-freq", type=int, default=1, help="word: drop words seen fewer times (default 1)")
+
+
+def add_model_flags(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="gpt", help="gpt (Llama-style Transformer) | lstm")
+    g.add_argument("--size", default="tiny", help="named size: tiny | small | medium (default tiny)")
+    g.add_argument("--n-layer", type=int, help="override: number of layers")
+    g.add_argument("--d-model", type=int, help="override: width (LSTM hidden size)")
+    g.add_argument("--n-head", type=int, help="override: attention heads (gpt)")
+    g.add_argument("--block-size", type=int, help="override: context length trained on")
+    g.add_argument("--dropout", type=float, help="override: dropout rate")
+    g.add_argument("--no-tie-embeddings", action="store_true", help="separate input and output embeddings")
+
+
+def add_train_flags(p, steps_default=None):
+    from pglm.train.mle import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps_default, help="optimizer steps in all")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per micro-batch (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default min(100, steps/10))")
+    g.add_argument("--min-lr-frac", type=float, default=d.min_lr_frac, help="cosine ends at lr × this (default 0.1)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0.1)")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip, 0 = off (default 1.0)")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations")
+    g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="validation tokens per periodic evaluation")
+    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (pip install 'pglm[tb]')")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--out", required=True, help="run directory to write")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+
+def train_config(args):
+    from pglm.train.mle import TrainConfig
+
+    if args.steps is None or args.steps <= 0:
+        raise UserError("--steps must be a positive number of optimizer steps, e.g. --steps 1000")
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def model_config_from(args, vocab_size: int):
+    from pglm.models import model_config
+
+    if args.model.startswith("hf:"):
+        raise UserError("--model hf:PATH is not available in this version; use --model gpt or --model lstm")
+    return model_config(
+        args.model, args.size, vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model,
+        n_head=args.n_head, block_size=args.block_size, dropout=args.dropout,
+        tie_embeddings=False if args.no_tie_embeddings else None,
+    )
+
+
+def build_tokenizer(args, texts):
+    from pglm.tokenizers import hf_tokenizer, train_tokenizer
+
+    spec = args.tokenizer
+    if spec.startswith("hf:"):
+        return hf_tokenizer(spec[3:])
+    stopwords = None
+    if args.stopwords:
+        try:
+            stopwords = Path(args.stopwords).read_text(encoding="utf-8").split()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--stopwords {args.stopwords} cannot be read ({e}); pass a UTF-8 word list") from None
+    return train_tokenizer(
+        spec, texts, vocab_size=args.vocab_size, zh=args.zh, lower=args.lower, stopwords=stopwords,
+        min_freq=args.min_freq,
+    )
+
+
+
+
+def add_sampling_flags(p):
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set with probability ≥ p")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop when TEXT is generated (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def check_sampling_args(args):
+    if args.max_new_tokens <= 0:
+        raise UserError("--max-new-tokens must be positive")
+    if args.top_k is not None and args.top_k <= 0:
+        raise UserError("--top-k must be a positive number of tokens")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")

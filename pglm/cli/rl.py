@@ -1,0 +1,133 @@
+"""pglm rl: tune a model by policy gradient."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from pglm import __version__
+from pglm.cli.train import check_task_tokenizer, finish_run
+from pglm.errors import UserError
+
+
+def _read_prompt_rows(path: str) -> list[dict]:
+    from pglm.data import _jsonl_rows, source_files
+
+    rows = []
+    for f in source_files(path):
+        for lineno, row in _jsonl_rows(f):
+            if not isinstance(row.get("prompt"), str):
+                raise UserError(f"{f}:{lineno}: no string field 'prompt'; write lines such as {{\"prompt\": \"2+2=\", \"answer\": \"4\"}}")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"--prompts {path} holds no prompts")
+    return rows
+
+
+def cmd_rl(args):
+    from dataclasses import fields as dc_fields
+
+    from pglm.models import ModelConfig
+    from pglm.pg.advantages import MovingBaseline
+    from pglm.pg.presets import describe, get_preset
+    from pglm.rewards.loader import load_rewards
+    from pglm.runs import load_run
+    from pglm.tasks import get_task
+    from pglm.train.checkpoint import load_optimizer, load_weights, prepare_out_dir, read_json, write_json
+    from pglm.train.metrics import MetricsLog
+    from pglm.train.mle import resolve_device
+    from pglm.train.rl import (
+        RLConfig,
+        ValueHead,
+        check_shapes,
+        file_rows,
+        frozen_copy,
+        make_rl_optimizer,
+        task_rows,
+        train_rl,
+    )
+
+    names = {f.name for f in dc_fields(RLConfig)}
+    if args.resume:
+        config = read_json(Path(args.out) / "config.json") if (Path(args.out) / "config.json").is_file() else None
+        if config is None or config.get("command") != "rl":
+            raise UserError(f"--resume: {args.out} holds no pglm rl run; drop --resume to start one")
+        cfg = RLConfig(**config["rl"])
+        if args.steps is not None:
+            cfg.steps = args.steps
+        source = config["source"]
+    else:
+        if not args.init:
+            raise UserError("pglm rl needs --init RUN: a model trained by pglm pretrain or sft")
+        if (args.task is None) == (args.prompts is None):
+            raise UserError("pass --task NAME, or --prompts FILE.jsonl with --reward SPEC")
+        if args.prompts and not args.reward:
+            raise UserError("--prompts needs --reward SPEC (module:function or path/to/file.py:function)")
+        cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+        source = {"task": args.task, "prompts": args.prompts, "reward": args.reward, "reward_weight": args.reward_weight}
+    preset = get_preset(cfg.algo)
+    check_shapes(preset, cfg)
+
+    # What to learn from: a built-in task, or prompts and reward functions of the user's.
+    task = get_task(source["task"]) if source["task"] else None
+    if task is not None:
+        reward_fn, draw_rows = task.reward, task_rows(task, cfg.seed, cfg.prompts_per_step)
+    else:
+        reward_fn = load_rewards(source["reward"], source["reward_weight"])
+        draw_rows = file_rows(_read_prompt_rows(source["prompts"]), cfg.seed, cfg.prompts_per_step)
+    N = cfg.max_new_tokens or (task.max_new_tokens if task else None)
+    if N is None:
+        raise UserError("--prompts needs --max-new-tokens N: how long a completion may be")
+
+    device = resolve_device(cfg.device)
+    existed = Path(args.out).exists()
+    out = prepare_out_dir(args.out, args.resume, args.overwrite)
+    try:
+        init = load_run(args.init if not args.resume else out, device)
+        model, tokenizer = init.model, init.tokenizer
+        if task is not None:
+            check_task_tokenizer(tokenizer, task, args.init or out)
+        longest = max(len(tokenizer.encode(r["prompt"])) for r in (task.heldout() if task else draw_rows(0))) + 1
+        if model.config.arch == "gpt" and longest + N > model.config.block_size:
+            raise UserError(f"prompts of {longest} tokens plus --max-new-tokens {N} exceed the model's context of "
+                            f"{model.config.block_size}; lower --max-new-tokens")
+        value_head = ValueHead(model.config.d_model).to(device) if preset.advantage == "gae" else None
+        baseline = MovingBaseline() if preset.advantage == "moving" else None
+        lr = cfg.lr if cfg.lr is not None else preset.lr
+        optimizer = make_rl_optimizer(model, value_head, lr, cfg)
+        if args.resume:
+            state = read_json(init.ckpt_dir / "state.json")
+            start = int(state["step"])
+            load_optimizer(optimizer, init.ckpt_dir)
+            if value_head is not None:
+                load_weights(value_head, init.ckpt_dir, "value_head")
+            if baseline is not None and "baseline" in state:
+                baseline.load_state_dict(state["baseline"])
+            ref_model = load_run(config["init"], device).model if cfg.beta > 0 else None
+            metrics = MetricsLog(out, resume_step=start, elapsed=state.get("elapsed", 0.0))
+            config["rl"] = asdict(cfg)
+            write_json(out / "config.json", config)
+        else:
+            start = 0
+            ref_model = frozen_copy(model) if cfg.beta > 0 else None  # loaded only when β > 0
+            config = {"pglm_version": __version__, "command": "rl", "init": str(init.ckpt_dir),
+                      "model": asdict(ModelConfig(**asdict(model.config))), "rl": asdict(cfg), "source": source,
+                      "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}
+            tokenizer.save(out / "tokenizer.json")
+            write_json(out / "config.json", config)
+            metrics = MetricsLog(out)
+    except BaseException:
+        if not args.resume:  # a run that never started leaves nothing behind
+            import shutil
+
+            for child in out.iterdir() if existed else [out]:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+        raise
+    print(describe(preset, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
+    print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} samples per step, lr {lr:g}, {cfg.steps} steps "
+          f"from {config['init']} → {out}", file=sys.stderr)
+    final = train_rl(model, tokenizer, preset, cfg, draw_rows, reward_fn, task, N, out, optimizer,
+                     value_head=value_head, ref_model=ref_model, baseline=baseline, start_step=start,
+                     metrics=metrics, progress=not args.quiet)
+    finish_run(out, {"train": {"steps": cfg.steps}, **config}, final, metrics, "rl")

@@ -1,0 +1,242 @@
+"""pglm prepare, pretrain and sft: maximum likelihood, and the run directory it writes."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from pglm import __version__
+from pglm.cli.flags import build_tokenizer, model_config_from, train_config
+from pglm.errors import UserError
+
+
+def cmd_prepare(args):
+    from pglm.data import iter_texts, prepare_corpus
+    from pglm.train.checkpoint import prepare_out_dir
+
+    out = prepare_out_dir(args.out, resume=False, overwrite=args.overwrite)
+    tokenizer = build_tokenizer(args, iter_texts(args.data, args.text_field))
+    info = prepare_corpus(args.data, tokenizer, out, args.val_frac, args.val_data, args.text_field)
+    tokenizer.save(out / "tokenizer.json")
+    print(f"wrote {out}: {info.n_train:,} training and {info.n_val:,} validation tokens, vocabulary {tokenizer.vocab_size:,}")
+
+
+def start_run(args, command: str, prepare):
+    """Create or resume a run directory; returns (out, run_config, tokenizer, model, optimizer, start_step, metrics).
+
+    `prepare(out)` builds a new run's tokenizer, data and model config: (tokenizer, data_info, ModelConfig).
+    """
+    import torch
+
+    from pglm.models import ModelConfig, build_model, count_params
+    from pglm.runs import load_run
+    from pglm.train.checkpoint import load_optimizer, prepare_out_dir, read_json, write_json
+    from pglm.train.metrics import MetricsLog
+    from pglm.train.mle import TrainConfig, make_optimizer, resolve_device
+
+    existed = Path(args.out).exists()
+    out = prepare_out_dir(args.out, args.resume, args.overwrite)
+    if args.resume:
+        config = read_json(out / "config.json")
+        if config.get("command") != command:
+            raise UserError(f"--resume: {out} is a '{config.get('command')}' run; resume it with pglm {config.get('command')}")
+        train_cfg = TrainConfig(**config["train"])
+        if args.steps is not None:  # the one setting a resume may change: train for longer
+            train_cfg.steps = args.steps
+            config["train"] = asdict(train_cfg)
+        loaded = load_run(out)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        state = read_json(loaded.ckpt_dir / "state.json")
+        start_step = int(state["step"])
+        device = resolve_device(train_cfg.device)
+        model.to(device).train()
+        optimizer = make_optimizer(model, train_cfg)
+        load_optimizer(optimizer, loaded.ckpt_dir)
+        metrics = MetricsLog(out, resume_step=start_step, elapsed=state.get("elapsed", 0.0), tensorboard=train_cfg.tensorboard)
+        write_json(out / "config.json", config)
+        print(f"resuming {out} at step {start_step} of {train_cfg.steps}", file=sys.stderr)
+        return out, config, tokenizer, model, optimizer, start_step, metrics
+
+    if not args.data and not getattr(args, "task", None):
+        raise UserError(f"pglm {command} needs --data (or --resume to continue the run in --out)")
+    train_cfg = train_config(args)
+    try:
+        tokenizer, data_info, model_cfg, model = prepare(out)
+        torch.manual_seed(train_cfg.seed)  # initialisation
+        if model is None:
+            model = build_model(model_cfg)
+        device = resolve_device(train_cfg.device)
+        model.to(device).train()
+        config = {
+            "pglm_version": __version__,
+            "command": command,
+            "model": asdict(model_cfg if model_cfg is not None else model.config),
+            "train": asdict(train_cfg),
+            "data": data_info,
+            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+            "n_params": count_params(model),
+        }
+        tokenizer.save(out / "tokenizer.json")
+        write_json(out / "config.json", config)
+        optimizer = make_optimizer(model, train_cfg)
+        metrics = MetricsLog(out, tensorboard=train_cfg.tensorboard)
+    except BaseException:
+        # a new run that failed before it started leaves no half-written directory behind
+        import shutil
+
+        for child in out.iterdir() if existed else [out]:
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+        raise
+    cfg = ModelConfig(**config["model"])
+    print(
+        f"{command}: {cfg.arch} {config['n_params']:,} parameters ({cfg.n_layer} layers, width {cfg.d_model}, "
+        f"context {cfg.block_size}), {tokenizer.kind} tokenizer with {tokenizer.vocab_size:,} tokens, "
+        f"{train_cfg.steps} steps → {out}",
+        file=sys.stderr,
+    )
+    return out, config, tokenizer, model, optimizer, 0, metrics
+
+
+def finish_run(out, config, final_eval, metrics, command):
+    from pglm.plots import plot_run
+    from pglm.train.checkpoint import write_json
+
+    summary = {"command": command, "steps": config["train"]["steps"], "wall_time_s": round(metrics.elapsed(), 2),
+               "n_params": config.get("n_params"), **final_eval}
+    write_json(out / "summary.json", summary)
+    metrics.close()
+    plot_run(out)
+    shown = {k: v for k, v in final_eval.items() if isinstance(v, float)}
+    print("done: " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()) + f"  → {out}")
+
+
+def cmd_pretrain(args):
+    import numpy as np
+
+    from pglm.data import iter_texts, load_tokens, prepare_corpus, random_windows, sequential_windows
+    from pglm.train.checkpoint import read_json
+    from pglm.train.mle import train_mle
+
+    def prepare(out):
+        model_config_from(args, vocab_size=1)  # a bad model flag is reported before the data is read
+        tokenizer = build_tokenizer(args, iter_texts(args.data, args.text_field))
+        info = prepare_corpus(args.data, tokenizer, out / "data", args.val_frac, args.val_data, args.text_field)
+        data_info = {"src": args.data, "val_src": args.val_data, "val_frac": args.val_frac,
+                     "text_field": args.text_field, **info.__dict__}
+        return tokenizer, data_info, model_config_from(args, tokenizer.vocab_size), None
+
+    out, config, tokenizer, model, optimizer, start, metrics = start_run(args, "pretrain", prepare)
+    meta = read_json(out / "data" / "meta.json")
+    train_tokens = load_tokens(out / "data" / "train.bin", meta["dtype"])
+    val_tokens = load_tokens(out / "data" / "val.bin", meta["dtype"])
+    cfg = train_config_of(config)
+    T = config["model"]["block_size"]
+    random_windows(train_tokens, 1, T, np.random.default_rng(0))  # fails early, with the fix, if the data is too short
+    final = train_mle(
+        model, optimizer, cfg,
+        get_batch=lambda rng: random_windows(train_tokens, cfg.batch_size, T, rng),
+        val_batches=lambda max_tokens: sequential_windows(val_tokens, cfg.batch_size, T, max_tokens),
+        run_dir=out, start_step=start, metrics=metrics, progress=not args.quiet,
+    )
+    finish_run(out, config, final, metrics, "pretrain")
+
+
+def train_config_of(config):
+    from pglm.train.mle import TrainConfig
+
+    return TrainConfig(**config["train"])
+
+
+def cmd_sft(args):
+    import random
+
+    from pglm.data import read_sft, sft_batch, sft_example
+    from pglm.runs import load_run
+    from pglm.tasks import get_task
+    from pglm.train.mle import train_mle
+
+    task = get_task(args.task) if args.task else None
+    if task is not None and args.data:
+        raise UserError("pass --data FILE or --task NAME, not both")
+
+    def prepare(out):
+        if task is not None:  # solved examples of a built-in task, over the task's own alphabet
+            model_config_from(args, vocab_size=1)
+            tokenizer = task.tokenizer()
+            model_cfg = model_config_from(args, tokenizer.vocab_size)
+            model = None
+            if args.init:
+                init = load_run(args.init)
+                tokenizer, model, model_cfg = init.tokenizer, init.model, init.model.config
+        elif args.init:
+            init = load_run(args.init)
+            tokenizer, model = init.tokenizer, init.model
+            model_cfg = model.config
+        else:
+            from pglm.data import _jsonl_rows, source_files
+
+            model_config_from(args, vocab_size=1)  # a bad model flag is reported before the data is read
+
+            def texts():
+                for f in source_files(args.data):
+                    for _, row in _jsonl_rows(f):
+                        yield f"{row.get('prompt', '')}{row.get('completion', '')}"
+
+            tokenizer = build_tokenizer(args, texts())
+            model_cfg, model = model_config_from(args, tokenizer.vocab_size), None
+        data_info = {"src": args.data, "val_src": args.val_data, "val_frac": args.val_frac, "init": args.init,
+                     "task": args.task}
+        return tokenizer, data_info, model_cfg, model
+
+    out, config, tokenizer, model, optimizer, start, metrics = start_run(args, "sft", prepare)
+    cfg = train_config_of(config)
+    T = config["model"]["block_size"]
+    data = config["data"]
+    task = get_task(data["task"]) if data.get("task") else None
+
+    def solved(rows):
+        return [sft_example(tokenizer, r["prompt"], task.solution(r), T) for r in rows]
+
+    if task is not None:  # fresh training problems every step; validation on the held-out problems
+        train, val = None, solved(task.heldout())
+    else:
+        train = read_sft(data["src"], tokenizer, T)
+        if data["val_src"]:
+            val = read_sft(data["val_src"], tokenizer, T)
+        else:  # deterministic split: the last val_frac of the rows (at least one row each side)
+            n_val = min(max(1, int(len(train) * data["val_frac"])), len(train) - 1) if len(train) > 1 else 0
+            train, val = train[: len(train) - n_val], train[len(train) - n_val :]
+
+    def val_batches(max_tokens):
+        rows = val if max_tokens is None else val[: max(1, max_tokens // T)]
+        for i in range(0, len(rows), cfg.batch_size):
+            yield sft_batch(rows[i : i + cfg.batch_size], tokenizer.pad_id)
+
+    def get_batch(rng):
+        if task is not None:
+            return sft_batch(solved(task.train_prompts(random.Random(int(rng.integers(2**63))), cfg.batch_size)),
+                             tokenizer.pad_id)
+        return sft_batch([train[i] for i in rng.integers(0, len(train), cfg.batch_size)], tokenizer.pad_id)
+
+    final = train_mle(model, optimizer, cfg, get_batch=get_batch, val_batches=val_batches, run_dir=out,
+                      start_step=start, metrics=metrics, progress=not args.quiet)
+    if task is not None:
+        from pglm.evaluate import evaluate_task
+
+        final = {**final, **{f"task_{k}": v for k, v in evaluate_task(model, tokenizer, task).items()}}
+        print(f"{task.name}: greedy accuracy {final['task_accuracy']:.3f} on {final['task_n_prompts']} held-out problems")
+    finish_run(out, config, final, metrics, "sft")
+
+
+
+
+def check_task_tokenizer(tokenizer, task, where):
+    try:
+        for row in task.heldout()[:50]:
+            tokenizer.encode(row["prompt"] + row["answer"])
+    except UserError:
+        raise UserError(
+            f"the tokenizer of {where} cannot write the {task.name} problems; start from a model trained on "
+            f"the task, e.g. pglm sft --task {task.name} --steps 600 --out runs/{task.name}-sft"
+        ) from None
