@@ -74,7 +74,7 @@ def _utf8_chunks(path: Path) -> Iterator[str]:
             offset += len(raw)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, row) for each non-empty line of a JSONL file, with errors that name the line."""
     offset = 0
     with open(path, "rb") as f:
@@ -113,7 +113,7 @@ def iter_documents(src: str, text_field: str = "text") -> Iterator[tuple[str, bo
         return
     for path in files:
         if path.suffix == ".jsonl":
-            for lineno, row in _jsonl_rows(path):
+            for lineno, row in jsonl_rows(path):
                 text = row.get(text_field)
                 if not isinstance(text, str):
                     raise UserError(
@@ -297,7 +297,7 @@ def read_sft(path: str, tokenizer, block_size: int) -> list[SFTExample]:
         raise UserError("SFT data must be a JSONL file with 'prompt' and 'completion' fields")
     examples = []
     for file in files:
-        for lineno, row in _jsonl_rows(file):
+        for lineno, row in jsonl_rows(file):
             prompt, completion = row.get("prompt"), row.get("completion")
             if not isinstance(prompt, str) or not isinstance(completion, str):
                 raise UserError(

@@ -173,3 +173,27 @@ def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypat
                                   "--tensorboard", *TINY])
     assert "pip install 'pglm[tb]'" in line
     assert not (tmp_path / "o").exists()  # no half run left behind to trip a later --resume
+
+
+def test_overwrite_that_fails_puts_the_old_run_back(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text\n\xff")
+    line = error_line(capsys, 2, ["pretrain", "--data", str(bad), "--steps", "1", "--out", str(copy), "--overwrite", *TINY])
+    assert "not UTF-8" in line
+    assert {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".copy.*"))  # no backup left lying around
+
+
+def test_prepare_then_overwrite(tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("some text " * 50)
+    out = tmp_path / "prep"
+    assert main(["prepare", "--data", str(data), "--out", str(out)]) == 0
+    assert "already holds a run" in error_line(capsys, 2, ["prepare", "--data", str(data), "--out", str(out)])
+    assert main(["prepare", "--data", str(data), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "train.bin").stat().st_size > 0 and (out / "tokenizer.json").is_file()

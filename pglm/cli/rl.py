@@ -12,11 +12,11 @@ from pglm.errors import UserError
 
 
 def _read_prompt_rows(path: str) -> list[dict]:
-    from pglm.data import _jsonl_rows, source_files
+    from pglm.data import jsonl_rows, source_files
 
     rows = []
     for f in source_files(path):
-        for lineno, row in _jsonl_rows(f):
+        for lineno, row in jsonl_rows(f):
             if not isinstance(row.get("prompt"), str):
                 raise UserError(f"{f}:{lineno}: no string field 'prompt'; write lines such as {{\"prompt\": \"2+2=\", \"answer\": \"4\"}}")
             rows.append(row)
@@ -34,7 +34,7 @@ def cmd_rl(args):
     from pglm.rewards.loader import load_rewards
     from pglm.runs import load_run
     from pglm.tasks import get_task
-    from pglm.train.checkpoint import load_optimizer, load_weights, prepare_out_dir, read_json, write_json
+    from pglm.train.checkpoint import load_optimizer, load_weights, opened_run_dir, read_json, write_json
     from pglm.train.metrics import MetricsLog
     from pglm.train.mle import resolve_device
     from pglm.train.rl import (
@@ -73,22 +73,22 @@ def cmd_rl(args):
     task = get_task(source["task"]) if source["task"] else None
     if task is not None:
         reward_fn, draw_rows = task.reward, task_rows(task, cfg.seed, cfg.prompts_per_step)
+        all_rows = task.heldout()  # the longest prompts a run will see, for the context check below
     else:
         reward_fn = load_rewards(source["reward"], source["reward_weight"])
-        draw_rows = file_rows(_read_prompt_rows(source["prompts"]), cfg.seed, cfg.prompts_per_step)
+        all_rows = _read_prompt_rows(source["prompts"])
+        draw_rows = file_rows(all_rows, cfg.seed, cfg.prompts_per_step)
     N = cfg.max_new_tokens or (task.max_new_tokens if task else None)
     if N is None:
         raise UserError("--prompts needs --max-new-tokens N: how long a completion may be")
 
     device = resolve_device(cfg.device)
-    existed = Path(args.out).exists()
-    out = prepare_out_dir(args.out, args.resume, args.overwrite)
-    try:
+    with opened_run_dir(args.out, args.resume, args.overwrite) as out:
         init = load_run(args.init if not args.resume else out, device)
         model, tokenizer = init.model, init.tokenizer
         if task is not None:
             check_task_tokenizer(tokenizer, task, args.init or out)
-        longest = max(len(tokenizer.encode(r["prompt"])) for r in (task.heldout() if task else draw_rows(0))) + 1
+        longest = max(len(tokenizer.encode(r["prompt"])) for r in all_rows) + 1  # + bos
         if model.config.arch == "gpt" and longest + N > model.config.block_size:
             raise UserError(f"prompts of {longest} tokens plus --max-new-tokens {N} exceed the model's context of "
                             f"{model.config.block_size}; lower --max-new-tokens")
@@ -117,13 +117,6 @@ def cmd_rl(args):
             tokenizer.save(out / "tokenizer.json")
             write_json(out / "config.json", config)
             metrics = MetricsLog(out)
-    except BaseException:
-        if not args.resume:  # a run that never started leaves nothing behind
-            import shutil
-
-            for child in out.iterdir() if existed else [out]:
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
-        raise
     print(describe(preset, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
     print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} samples per step, lr {lr:g}, {cfg.steps} steps "
           f"from {config['init']} → {out}", file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from pglm import __version__
 from pglm.cli.flags import build_tokenizer, model_config_from, train_config
@@ -13,12 +12,14 @@ from pglm.errors import UserError
 
 def cmd_prepare(args):
     from pglm.data import iter_texts, prepare_corpus
-    from pglm.train.checkpoint import prepare_out_dir
+    from pglm.train.checkpoint import opened_run_dir, write_json
 
-    out = prepare_out_dir(args.out, resume=False, overwrite=args.overwrite)
-    tokenizer = build_tokenizer(args, iter_texts(args.data, args.text_field))
-    info = prepare_corpus(args.data, tokenizer, out, args.val_frac, args.val_data, args.text_field)
-    tokenizer.save(out / "tokenizer.json")
+    with opened_run_dir(args.out, overwrite=args.overwrite) as out:
+        tokenizer = build_tokenizer(args, iter_texts(args.data, args.text_field))
+        info = prepare_corpus(args.data, tokenizer, out, args.val_frac, args.val_data, args.text_field)
+        tokenizer.save(out / "tokenizer.json")
+        write_json(out / "config.json", {"pglm_version": __version__, "command": "prepare", "data": args.data,
+                                         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}})
     print(f"wrote {out}: {info.n_train:,} training and {info.n_val:,} validation tokens, vocabulary {tokenizer.vocab_size:,}")
 
 
@@ -31,13 +32,12 @@ def start_run(args, command: str, prepare):
 
     from pglm.models import ModelConfig, build_model, count_params
     from pglm.runs import load_run
-    from pglm.train.checkpoint import load_optimizer, prepare_out_dir, read_json, write_json
+    from pglm.train.checkpoint import load_optimizer, opened_run_dir, prepare_out_dir, read_json, write_json
     from pglm.train.metrics import MetricsLog
     from pglm.train.mle import TrainConfig, make_optimizer, resolve_device
 
-    existed = Path(args.out).exists()
-    out = prepare_out_dir(args.out, args.resume, args.overwrite)
     if args.resume:
+        out = prepare_out_dir(args.out, resume=True, overwrite=args.overwrite)
         config = read_json(out / "config.json")
         if config.get("command") != command:
             raise UserError(f"--resume: {out} is a '{config.get('command')}' run; resume it with pglm {config.get('command')}")
@@ -61,7 +61,7 @@ def start_run(args, command: str, prepare):
     if not args.data and not getattr(args, "task", None):
         raise UserError(f"pglm {command} needs --data (or --resume to continue the run in --out)")
     train_cfg = train_config(args)
-    try:
+    with opened_run_dir(args.out, overwrite=args.overwrite) as out:
         tokenizer, data_info, model_cfg, model = prepare(out)
         torch.manual_seed(train_cfg.seed)  # initialisation
         if model is None:
@@ -81,13 +81,6 @@ def start_run(args, command: str, prepare):
         write_json(out / "config.json", config)
         optimizer = make_optimizer(model, train_cfg)
         metrics = MetricsLog(out, tensorboard=train_cfg.tensorboard)
-    except BaseException:
-        # a new run that failed before it started leaves no half-written directory behind
-        import shutil
-
-        for child in out.iterdir() if existed else [out]:
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
-        raise
     cfg = ModelConfig(**config["model"])
     print(
         f"{command}: {cfg.arch} {config['n_params']:,} parameters ({cfg.n_layer} layers, width {cfg.d_model}, "
@@ -174,13 +167,13 @@ def cmd_sft(args):
             tokenizer, model = init.tokenizer, init.model
             model_cfg = model.config
         else:
-            from pglm.data import _jsonl_rows, source_files
+            from pglm.data import jsonl_rows, source_files
 
             model_config_from(args, vocab_size=1)  # a bad model flag is reported before the data is read
 
             def texts():
                 for f in source_files(args.data):
-                    for _, row in _jsonl_rows(f):
+                    for _, row in jsonl_rows(f):
                         yield f"{row.get('prompt', '')}{row.get('completion', '')}"
 
             tokenizer = build_tokenizer(args, texts())

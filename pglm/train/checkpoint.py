@@ -13,6 +13,7 @@ Weights are safetensors, state is JSON, and the optimizer state is read back wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -146,3 +147,37 @@ def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
             raise UserError(f"--out {out} holds files that are not a pglm run; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def opened_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False):
+    """The run directory a command writes, checked before any work starts (`prepare_out_dir`).
+
+    If setting up a new run fails (bad data, a bad flag found late, Ctrl-C), what it created is
+    removed, so no half run is left to trip a later --resume, and a run it was to --overwrite is put
+    back: nothing already saved is lost until the new run has started. A resumed run is never touched.
+    """
+    out = Path(out)
+    backup = None
+    if overwrite and not resume and (out / "config.json").is_file():
+        backup = out.with_name(f".{out.name}.replaced")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(out, backup)
+    existed = out.exists()
+    try:
+        out = prepare_out_dir(out, resume, overwrite)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, out)
+        raise
+    try:
+        yield out
+    except BaseException:
+        if not resume:
+            for child in list(out.iterdir()) if existed else [out]:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            if backup is not None:
+                os.replace(backup, out)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
