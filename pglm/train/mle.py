@@ -126,11 +126,14 @@ def train_mle(
     start_step: int = 0,
     metrics: MetricsLog | None = None,
     progress: bool = True,
+    stop_when: Callable[[int], bool] | None = None,
 ) -> dict:
     """Train from `start_step` to `cfg.steps`; returns the final validation figures.
 
     get_batch(rng) gives one micro-batch; val_batches(max_tokens) the validation batches (None: all).
-    Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt.
+    stop_when(step), asked at every evaluation, ends training early (then a final evaluation and a
+    checkpoint follow, as at the last step). Ctrl-C finishes the current step, saves a checkpoint and
+    raises KeyboardInterrupt.
     """
     device = next(model.parameters()).device
     autocast = autocast_for(device)
@@ -142,10 +145,11 @@ def train_mle(
     def checkpoint(at: int):
         save_checkpoint(run_dir, at, model, optimizer, {"elapsed": metrics.elapsed(), **last_eval})
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc="train", unit="step")
+    total = cfg.steps  # the last step; stop_when may bring it forward
+    bar = tqdm(total=total, initial=start_step, disable=not progress, desc="train", unit="step")
     t_log, tokens_since_log = time.perf_counter(), 0
     with stop_on_ctrl_c() as stop_requested:
-        while step < cfg.steps:
+        while step < total:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -170,7 +174,7 @@ def train_mle(
             step += 1
             tokens_since_log += sum(b.x.numel() for b in micro)
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 tok_s = tokens_since_log / max(now - t_log, 1e-9)
                 metrics.log(step, "mle", loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s)
@@ -178,8 +182,10 @@ def train_mle(
                 t_log, tokens_since_log = now, 0
             bar.update(1)
 
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                final = step == cfg.steps
+            if step % cfg.eval_every == 0 and stop_when is not None and stop_when(step):
+                total = step  # stop early: this step is now the last one
+            if step % cfg.eval_every == 0 or step == total:
+                final = step == total
                 last_eval = evaluate_lm(model, val_batches(None if final else cfg.eval_tokens), device, autocast)
                 metrics.log(step, "eval", **last_eval)
                 bar.write(
@@ -188,9 +194,9 @@ def train_mle(
                 )
                 model.train()
                 t_log = time.perf_counter()  # evaluation time is not training throughput
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_requested.is_set():
+            if step % cfg.ckpt_every == 0 or step == total or stop_requested.is_set():
                 checkpoint(step)
-            if stop_requested.is_set() and step < cfg.steps:
+            if stop_requested.is_set() and step < total:
                 bar.close()
                 raise KeyboardInterrupt
     bar.close()
