@@ -120,7 +120,15 @@ def cmd_rl(args):
     print(describe(preset, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
     print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} samples per step, lr {lr:g}, {cfg.steps} steps "
           f"from {config['init']} → {out}", file=sys.stderr)
-    final = train_rl(model, tokenizer, preset, cfg, draw_rows, reward_fn, task, N, out, optimizer,
+    evaluator = None
+    if task is not None:
+        from pglm.evaluate import evaluate_task
+
+        def evaluator(m):
+            return evaluate_task(m, tokenizer, task, samples=cfg.eval_samples, temperature=cfg.temperature,
+                                 limit=cfg.eval_limit, seed=cfg.seed)
+
+    final = train_rl(model, tokenizer, preset, cfg, draw_rows, reward_fn, evaluator, N, out, optimizer,
                      value_head=value_head, ref_model=ref_model, baseline=baseline, start_step=start,
                      metrics=metrics, progress=not args.quiet)
     finish_run(out, {"train": {"steps": cfg.steps}, **config}, final, metrics, "rl")

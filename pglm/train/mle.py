@@ -126,14 +126,15 @@ def train_mle(
     start_step: int = 0,
     metrics: MetricsLog | None = None,
     progress: bool = True,
-    stop_when: Callable[[int], bool] | None = None,
+    evaluator: Callable[[torch.nn.Module], dict] | None = None,
+    stop_when: Callable[[int, dict], bool] | None = None,
 ) -> dict:
     """Train from `start_step` to `cfg.steps`; returns the final validation figures.
 
     get_batch(rng) gives one micro-batch; val_batches(max_tokens) the validation batches (None: all).
-    stop_when(step), asked at every evaluation, ends training early (then a final evaluation and a
-    checkpoint follow, as at the last step). Ctrl-C finishes the current step, saves a checkpoint and
-    raises KeyboardInterrupt.
+    evaluator(model) adds figures to each evaluation (e.g. task accuracy); stop_when(step, figures),
+    asked after each evaluation, ends training there (a checkpoint follows, as at the last step).
+    Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt.
     """
     device = next(model.parameters()).device
     autocast = autocast_for(device)
@@ -182,18 +183,16 @@ def train_mle(
                 t_log, tokens_since_log = now, 0
             bar.update(1)
 
-            if step % cfg.eval_every == 0 and stop_when is not None and stop_when(step):
-                total = step  # stop early: this step is now the last one
             if step % cfg.eval_every == 0 or step == total:
-                final = step == total
-                last_eval = evaluate_lm(model, val_batches(None if final else cfg.eval_tokens), device, autocast)
+                last_eval = evaluate_lm(model, val_batches(None if step == total else cfg.eval_tokens), device, autocast)
+                if evaluator is not None:
+                    last_eval.update(evaluator(model))
                 metrics.log(step, "eval", **last_eval)
-                bar.write(
-                    f"step {step}: val_loss {last_eval['val_loss']:.4f}  val_ppl {last_eval['val_ppl']:.2f}  "
-                    f"val_token_acc {last_eval['val_token_acc']:.3f}"
-                )
+                bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items() if isinstance(v, float)))
                 model.train()
                 t_log = time.perf_counter()  # evaluation time is not training throughput
+                if stop_when is not None and stop_when(step, last_eval):
+                    total = step  # stop early: this step is now the last one
             if step % cfg.ckpt_every == 0 or step == total or stop_requested.is_set():
                 checkpoint(step)
             if stop_requested.is_set() and step < total:

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pglm.errors import UserError
-from pglm.evaluate import completion_text, evaluate_task
+from pglm.evaluate import completion_text
 from pglm.pg import advantages as adv_fns
 from pglm.pg.kl import kl_estimate
 from pglm.pg.logprobs import token_logprobs
@@ -173,7 +173,7 @@ def train_rl(
     cfg: RLConfig,
     draw_rows: Callable[[int], list[dict]],
     reward_fn,
-    task,
+    evaluator: Callable[[torch.nn.Module], dict] | None,
     max_new_tokens: int,
     run_dir,
     optimizer,
@@ -184,9 +184,11 @@ def train_rl(
     metrics: MetricsLog | None = None,
     progress: bool = True,
 ) -> dict:
-    """Tune `model` from `start_step` to `cfg.steps`; returns the last evaluation (tasks) or {}.
+    """Tune `model` from `start_step` to `cfg.steps`; returns the last evaluation, or {} without one.
 
-    draw_rows(step) gives the prompt rows of a step. Ctrl-C finishes the step, checkpoints and raises.
+    draw_rows(step) gives the prompt rows of a step; evaluator(model) the held-out figures (e.g.
+    `evaluate_task`), asked at step 0 of a new run, every cfg.eval_every steps and at the end.
+    Ctrl-C finishes the step, checkpoints and raises.
     """
     device = next(model.parameters()).device
     metrics = metrics or MetricsLog(run_dir)
@@ -206,10 +208,9 @@ def train_rl(
 
     def evaluate(at: int):
         nonlocal last_eval
-        if task is None:
+        if evaluator is None:
             return
-        last_eval = evaluate_task(model, tokenizer, task, samples=cfg.eval_samples, temperature=cfg.temperature,
-                                  limit=cfg.eval_limit, seed=cfg.seed)
+        last_eval = evaluator(model)
         metrics.log(at, "eval", **last_eval)
         bar.write(f"step {at}: " + "  ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if k != "n_prompts"))
 
