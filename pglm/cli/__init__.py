@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pglm import __version__
 from pglm.cli.apply import cmd_chat, cmd_eval, cmd_generate, cmd_plot
+from pglm.cli.demo import cmd_demo
 from pglm.cli.flags import add_model_flags, add_sampling_flags, add_tokenizer_flags, add_train_flags
 from pglm.cli.rl import cmd_rl
 from pglm.cli.train import cmd_prepare, cmd_pretrain, cmd_sft
@@ -34,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pglm", description="Policy-gradient language models: from raw text to a model tuned by policy gradient.")
     parser.add_argument("--version", action="version", version=f"pglm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="VERB")
+
+    p = sub.add_parser("demo", help="the whole chain on add2: policy gradient goes beyond its teacher",
+                       description="Maximum likelihood on solutions from a flawed teacher, then policy gradient with the "
+                       "true reward, against maximum likelihood alone; evaluated on 500 held-out problems.")
+    p.add_argument("--quick", action="store_true", help="a smaller, shorter chain (under a minute; for tests and CI)")
+    p.add_argument("--algo", default="grpo", help="policy-gradient preset for phase 2 (default grpo)")
+    p.add_argument("--model", default="gpt", help="gpt (2 layers × 128) or lstm (1 layer × 256)")
+    p.add_argument("--flaw-rate", type=float, default=0.7, help="share of carry problems the teacher gets wrong (default 0.7)")
+    p.add_argument("--out", default="runs/demo", help="run directory to write (default runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
 
     def data_flags(p, what="SRC: a text file, a glob, a JSONL file with a text field, or builtin:python-docs"):
         p.add_argument("--data", help=what + " (required unless --resume)")
@@ -147,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
-        if args.command in ("pretrain", "sft") and out and (Path(out) / "checkpoints" / "latest").is_file():
+        if args.command == "demo":
+            pass  # cmd_demo has said what was saved and how to go on
+        elif args.command in ("pretrain", "sft", "rl") and out and (Path(out) / "checkpoints" / "latest").is_file():
             latest = (Path(out) / "checkpoints" / "latest").read_text().strip()
             print(f"\ninterrupted: {out}/checkpoints/{latest} is saved; continue with: pglm {args.command} --out {out} --resume",
                   file=sys.stderr)

@@ -68,6 +68,7 @@ class RLConfig:
     eval_limit: int | None = None  # held-out prompts evaluated (None: all)
     ckpt_every: int = 100  # steps between checkpoints (and at the end)
     zero_std_warn_steps: int = 10  # warn when every group had equal rewards this many steps running
+    first_step: int = 0  # the step this run starts after (a phase that continues another's numbering)
     seed: int = 0  # seeds prompts, sampling and minibatch order (per step: resume-exact)
     device: str = "auto"  # auto | cpu | cuda
 
@@ -215,8 +216,8 @@ def train_rl(
         bar.write(f"step {at}: " + "  ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if k != "n_prompts"))
 
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc=preset.name, unit="step")
-    if start_step == 0:
-        evaluate(0)
+    if start_step == cfg.first_step:
+        evaluate(start_step)
     step = start_step
     with stop_on_ctrl_c() as stop_requested:
         while step < cfg.steps:
@@ -261,7 +262,7 @@ def train_rl(
 
             # 4. Epochs × minibatches of score, loss, backward, clip, step.
             for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                group["lr"] = lr * min(1.0, (step - cfg.first_step + 1) / max(1, cfg.warmup_steps))
             order_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
             stats_sum: dict[str, float] = {}
             n_updates = 0

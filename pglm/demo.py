@@ -1,0 +1,210 @@
+"""`pglm demo`: maximum likelihood imitates its teacher; policy gradient optimises the reward.
+
+The whole chain on add2 with a flawed teacher: on most problems with a carry from the units digit,
+the teacher forgets the carry ("37+45=72"), one fixed answer per problem; everything else it gets
+right (setting measured in shared/reference/trl_add2.md, "the flawed teacher").
+
+ 1. Maximum likelihood on the teacher's solved problems, until the model does what the teacher does
+    right: greedy accuracy ≥ 0.95 on no-carry problems set aside from the training pairs (a signal
+    that never looks at the 500 held-out problems the demo reports on).
+ 2. Policy gradient from there, with the true reward (1 for the exact sum) and never a solution.
+ 3. The honest comparison: maximum likelihood alone, continued from the same point on the same
+    teacher data, for at least as long as phase 2 took (its wall time is recorded beside it).
+ 4. The 500 held-out problems before and after: greedy accuracy overall and split by carry, pass@k,
+    and how often a carry answer is exactly the teacher's mistake.
+
+Every step count is fixed or decided by a deterministic signal, so the same seed gives the same
+figures on CPU; only the wall times vary.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pglm import __version__
+from pglm.data import sft_batch, sft_example
+from pglm.evaluate import completion_text, evaluate_task
+from pglm.models import build_model, count_params, model_config
+from pglm.pg.presets import describe, get_preset
+from pglm.sampling import generate
+from pglm.tasks import get_task
+from pglm.tasks.add2 import has_carry, parse_prompt
+from pglm.train.checkpoint import write_json
+from pglm.train.metrics import MetricsLog
+from pglm.train.mle import TrainConfig, make_optimizer, train_mle
+from pglm.train.rl import RLConfig, make_rl_optimizer, task_rows, train_rl
+
+
+@dataclass
+class DemoConfig:
+    algo: str = "grpo"  # policy-gradient preset for phase 2
+    model: str = "gpt"  # gpt (2 layers × 128) or lstm (1 layer × 256)
+    flaw_rate: float = 0.7  # share of carry problems whose teacher answer drops the carry
+    seed: int = 0  # seeds data, initialisation and sampling
+    quick: bool = False  # a smaller, shorter chain for tests and CI
+    mle_max_steps: int = 2000  # phase 1 ends at the signal, or here
+    mle_batch: int = 64  # solved problems per maximum-likelihood step
+    mle_lr: float = 1e-3  # constant, no weight decay: a flatter start for policy gradient (docs/rl.md)
+    signal_every: int = 50  # steps between checks of the stopping signal
+    signal_threshold: float = 0.95  # no-carry greedy accuracy that ends phase 1
+    rl_steps: int = 500  # phase 2 steps
+    rl_lr: float = 1e-4  # with a 50-step warm-up (trl_add2.md: learned steadily; 3e-4 without warm-up collapsed)
+    rl_warmup: int = 50
+    prompts_per_step: int = 16
+    group_size: int = 8
+    eval_every: int = 50  # steps between held-out evaluations in phases 2 and 3
+    mle_only_steps_per_rl_step: int = 3  # phase 3 budget; a maximum-likelihood step is cheaper (docs/demo.md)
+
+    def __post_init__(self):
+        if self.quick:
+            self.mle_max_steps, self.rl_steps, self.eval_every, self.signal_every = 300, 60, 30, 50
+            self.signal_threshold = 0.0  # stop at the first check: the quick chain only has to run
+
+
+def teacher_answer(a: int, b: int, flaw_rate: float, seed: int) -> str:
+    """The flawed teacher: drops the units carry with probability flaw_rate, one fixed answer per pair."""
+    if has_carry(a, b) and random.Random(f"teacher:{seed}:{a}:{b}").random() < flaw_rate:
+        return str(a + b - 10)
+    return str(a + b)
+
+
+def carry_report(model, tokenizer, rows: list[dict]) -> dict:
+    """Greedy accuracy overall, on carry and no-carry problems, and the share of carry answers that
+    are exactly the teacher's mistake (a + b − 10)."""
+    prompts = [r["prompt"] for r in rows]
+    ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    was_training = model.training
+    model.eval()
+    g = generate(model, ids, 4, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, greedy=True)
+    model.train(was_training)
+    answers = [completion_text(tokenizer, g.response_ids(i)).strip() for i in range(len(rows))]
+    carry = {"ok": 0, "n": 0, "mistake": 0}
+    plain = {"ok": 0, "n": 0}
+    for p, ans in zip(prompts, answers):
+        a, b = parse_prompt(p)
+        ok = ans == str(a + b)
+        if has_carry(a, b):
+            carry["n"] += 1
+            carry["ok"] += ok
+            carry["mistake"] += ans == str(a + b - 10)
+        else:
+            plain["n"] += 1
+            plain["ok"] += ok
+    return {
+        "accuracy": (carry["ok"] + plain["ok"]) / len(rows),
+        "accuracy_carry": carry["ok"] / max(carry["n"], 1),
+        "accuracy_no_carry": plain["ok"] / max(plain["n"], 1),
+        "teacher_mistake_on_carry": carry["mistake"] / max(carry["n"], 1),
+    }
+
+
+def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
+    task = get_task("add2")
+    tok = task.tokenizer()
+    heldout = task.heldout()
+    rng = random.Random(f"signal:{cfg.seed}")
+    signal_rows = [r for r in task.train_prompts(rng, 400) if not has_carry(*parse_prompt(r["prompt"]))][:200]
+
+    def teacher_rows(rows):
+        return [sft_example(tok, r["prompt"], teacher_answer(*parse_prompt(r["prompt"]), cfg.flaw_rate, cfg.seed), 16)
+                for r in rows]
+
+    torch.manual_seed(cfg.seed)
+    size = dict(n_layer=2, d_model=128, n_head=4) if cfg.model == "gpt" else dict(n_layer=1, d_model=256)
+    model = build_model(model_config(cfg.model, "tiny", vocab_size=tok.vocab_size, block_size=16, **size))
+    tok.save(out / "tokenizer.json")
+    config = {"pglm_version": __version__, "command": "demo", "demo": asdict(cfg), "model": asdict(model.config),
+              "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size}, "n_params": count_params(model)}
+    write_json(out / "config.json", config)
+    metrics = MetricsLog(out)
+    print(f"demo: add2 with a teacher that drops the carry in {cfg.flaw_rate:.0%} of carry problems; "
+          f"{cfg.model} with {config['n_params']:,} parameters → {out}")
+
+    # Phase 1: maximum likelihood on the teacher's solutions, until the no-carry signal.
+    mle_cfg = TrainConfig(steps=cfg.mle_max_steps, batch_size=cfg.mle_batch, lr=cfg.mle_lr, min_lr_frac=1.0,
+                          warmup_steps=10, weight_decay=0.0, eval_every=cfg.signal_every, ckpt_every=10**9,
+                          log_every=10, seed=cfg.seed)
+    val = teacher_rows(signal_rows)
+
+    def get_batch(rng):
+        rows = task.train_prompts(random.Random(int(rng.integers(2**63))), cfg.mle_batch)
+        return sft_batch(teacher_rows(rows), tok.pad_id)
+
+    def signal(m):
+        return {"signal_no_carry_accuracy": carry_report(m, tok, signal_rows)["accuracy_no_carry"]}
+
+    print("phase 1: maximum likelihood on the teacher's solutions")
+    t0 = time.perf_counter()
+    train_mle(model, make_optimizer(model, mle_cfg), mle_cfg, get_batch, lambda n: [sft_batch(val, tok.pad_id)], out,
+              metrics=metrics, progress=progress, evaluator=signal,
+              stop_when=lambda step, ev: ev["signal_no_carry_accuracy"] >= cfg.signal_threshold)
+    t_mle = time.perf_counter() - t0
+    k = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    after_mle = carry_report(model, tok, heldout)
+    mle_model = copy.deepcopy(model)  # the starting point of both phase 2 and phase 3
+
+    # Phase 2: policy gradient with the true reward.
+    preset = get_preset(cfg.algo)
+    rl_cfg = RLConfig(algo=cfg.algo, steps=k + cfg.rl_steps, prompts_per_step=cfg.prompts_per_step,
+                      group_size=cfg.group_size, lr=cfg.rl_lr, warmup_steps=cfg.rl_warmup,
+                      eval_every=cfg.eval_every, ckpt_every=10**9, seed=cfg.seed, first_step=k)
+    print(f"phase 2: {describe(preset, 0.0, cfg.group_size, task.max_new_tokens)}")
+    t0 = time.perf_counter()
+    train_rl(model, tok, preset, rl_cfg, task_rows(task, cfg.seed, cfg.prompts_per_step), task.reward,
+             lambda m: carry_report(m, tok, heldout), task.max_new_tokens, out,
+             make_rl_optimizer(model, None, cfg.rl_lr, rl_cfg), start_step=k, metrics=metrics, progress=progress)
+    t_rl = time.perf_counter() - t0
+    after_rl = carry_report(model, tok, heldout)
+    passk_rl = evaluate_task(model, tok, task, samples=8, seed=cfg.seed)
+
+    # Phase 3: maximum likelihood alone, from the same point, for at least phase 2's time.
+    print("phase 3 (the comparison): maximum likelihood alone, continued on the teacher's solutions")
+    mle_only_dir = out / "mle_only"  # a run directory of its own: its checkpoints load like any other
+    mle_only_dir.mkdir()
+    tok.save(mle_only_dir / "tokenizer.json")
+    write_json(mle_only_dir / "config.json", {**config, "command": "demo-mle-only"})
+    only_cfg = TrainConfig(**{**asdict(mle_cfg), "steps": k + cfg.rl_steps * cfg.mle_only_steps_per_rl_step,
+                              "eval_every": cfg.eval_every * cfg.mle_only_steps_per_rl_step})
+    only_metrics = MetricsLog(mle_only_dir, elapsed=metrics.elapsed() - t_rl)  # its clock starts where phase 2's did
+    t0 = time.perf_counter()
+    train_mle(mle_model, make_optimizer(mle_model, only_cfg), only_cfg, get_batch, lambda n: [sft_batch(val, tok.pad_id)],
+              mle_only_dir, start_step=k, metrics=only_metrics, progress=progress,
+              evaluator=lambda m: carry_report(m, tok, heldout))
+    t_only = time.perf_counter() - t0
+    after_only = carry_report(mle_model, tok, heldout)
+    passk_mle = evaluate_task(mle_model, tok, task, samples=8, seed=cfg.seed)
+
+    examples = []
+    carry_rows = [r for r in heldout if has_carry(*parse_prompt(r["prompt"]))][:6]
+    rl_answers = _answers(model, tok, carry_rows)
+    mle_answers = _answers(mle_model, tok, carry_rows)
+    for r, a_rl, a_mle in zip(carry_rows, rl_answers, mle_answers):
+        examples.append({"prompt": r["prompt"], "answer": r["answer"], "maximum_likelihood": a_mle, "policy_gradient": a_rl})
+
+    summary = {
+        "flaw_rate": cfg.flaw_rate, "algo": cfg.algo, "model": cfg.model, "seed": cfg.seed,
+        "mle_steps": k, "rl_steps": cfg.rl_steps, "mle_only_steps": only_cfg.steps - k,
+        "wall_time_s": {"mle": round(t_mle, 1), "rl": round(t_rl, 1), "mle_only": round(t_only, 1)},
+        "after_mle": after_mle, "after_rl": {**after_rl, **_passk(passk_rl)},
+        "mle_only": {**after_only, **_passk(passk_mle)}, "examples": examples,
+    }
+    write_json(out / "summary.json", summary)
+    metrics.close()
+    only_metrics.close()
+    return summary
+
+
+def _answers(model, tok, rows):
+    ids = [[tok.bos_id, *tok.encode(r["prompt"])] for r in rows]
+    g = generate(model.eval(), ids, 4, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
+    return [completion_text(tok, g.response_ids(i)).strip() for i in range(len(rows))]
+
+
+def _passk(figures: dict) -> dict:
+    return {k: v for k, v in figures.items() if k.startswith("pass@")}
