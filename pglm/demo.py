@@ -62,9 +62,9 @@ class DemoConfig:
     mle_only_steps_per_rl_step: int = 3  # phase 3 budget; a maximum-likelihood step is cheaper (docs/demo.md)
 
     def __post_init__(self):
-        if self.quick:
-            self.mle_max_steps, self.rl_steps, self.eval_every, self.signal_every = 300, 60, 30, 50
-            self.signal_threshold = 0.0  # stop at the first check: the quick chain only has to run
+        if self.quick:  # the same chain, cut short: phase 1 ends at 800 steps at the latest
+            self.mle_max_steps, self.signal_every, self.signal_threshold = 800, 100, 0.9
+            self.rl_steps, self.eval_every = 100, 50
 
 
 def teacher_answer(a: int, b: int, flaw_rate: float, seed: int) -> str:
@@ -136,8 +136,9 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
         rows = task.train_prompts(random.Random(int(rng.integers(2**63))), cfg.mle_batch)
         return sft_batch(teacher_rows(rows), tok.pad_id)
 
-    def signal(m):
-        return {"signal_no_carry_accuracy": carry_report(m, tok, signal_rows)["accuracy_no_carry"]}
+    def signal(m):  # the stopping signal, plus the held-out figures for the curves (never for stopping)
+        return {"signal_no_carry_accuracy": carry_report(m, tok, signal_rows)["accuracy_no_carry"],
+                **carry_report(m, tok, heldout)}
 
     print("phase 1: maximum likelihood on the teacher's solutions")
     t0 = time.perf_counter()
@@ -172,6 +173,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     only_cfg = TrainConfig(**{**asdict(mle_cfg), "steps": k + cfg.rl_steps * cfg.mle_only_steps_per_rl_step,
                               "eval_every": cfg.eval_every * cfg.mle_only_steps_per_rl_step})
     only_metrics = MetricsLog(mle_only_dir, elapsed=metrics.elapsed() - t_rl)  # its clock starts where phase 2's did
+    only_metrics.log(k, "eval", **after_mle)  # the branch point, shared with phase 2
     t0 = time.perf_counter()
     train_mle(mle_model, make_optimizer(mle_model, only_cfg), only_cfg, get_batch, lambda n: [sft_batch(val, tok.pad_id)],
               mle_only_dir, start_step=k, metrics=only_metrics, progress=progress,

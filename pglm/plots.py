@@ -85,4 +85,37 @@ def plot_run(run_dir) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    if (run_dir / "mle_only" / "metrics.jsonl").is_file():
+        written.append(_plot_demo(plt, run_dir, rows, read_metrics(run_dir / "mle_only" / "metrics.jsonl"), out_dir))
     return written
+
+
+def _plot_demo(plt, run_dir: Path, rows, only_rows, out_dir: Path) -> Path:
+    """pglm demo: the policy-gradient branch and the maximum-likelihood-only branch on one time axis."""
+
+    def evals(rs, key):
+        pts = [(r["time"], r[key]) for r in rs if r.get("phase") == "eval" and r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    rl_start = min((r["time"] for r in rows if r.get("phase") == "rl"), default=None)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    panels = [("accuracy", "greedy accuracy, all 500 held-out problems"),
+              ("accuracy_carry", "greedy accuracy on problems with a carry"),
+              ("teacher_mistake_on_carry", "carry answers that are the teacher's mistake")]
+    for ax, (key, title) in zip(axes, panels):
+        t, v = evals(rows, key)
+        ax.plot(t, v, "o-", color="tab:blue", ms=3, label="maximum likelihood, then policy gradient")
+        t, v = evals(only_rows, key)
+        ax.plot(t, v, "s--", color="tab:orange", ms=3, label="maximum likelihood only")
+        if rl_start is not None:
+            ax.axvline(rl_start, color="grey", lw=0.8, ls=":")
+            ax.text(rl_start, 0.02, " policy gradient starts", fontsize=8, color="grey", va="bottom")
+        ax.set(xlabel="seconds of training", ylim=(0, 1.08), title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{run_dir.name}: the same teacher data, two ways to continue")
+    fig.tight_layout()
+    path = out_dir / "demo.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

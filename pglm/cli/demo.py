@@ -51,8 +51,11 @@ def _report(s: dict, out: Path, plots) -> None:
         p8 = f"{r['pass@8']:.3f}" if "pass@8" in r else ""
         print(f"{name:44} {r['accuracy']:8.3f} {r['accuracy_carry']:6.3f} {r['accuracy_no_carry']:8.3f} "
               f"{r['teacher_mistake_on_carry']:15.3f} {p8:>6} {n:6d} {t:6.1f}s")
+    t = s["wall_time_s"]
+    budget = ("at least as much time as phase 2" if t["mle_only"] >= t["rl"]
+              else f"{t['mle_only']:.0f} s against phase 2's {t['rl']:.0f} s")
     print("\nphase 2 learned from the reward alone, never from a solution; phase 3 continued phase 1 on the\n"
-          "teacher's data for more steps and at least as much time as phase 2. Carry problems:")
+          f"teacher's data for {s['mle_only_steps']} steps, {budget}. Carry problems:")
     for e in s["examples"]:
         print(f"  {e['prompt']}{e['answer']:<4}  maximum likelihood: {e['maximum_likelihood']:<4}  policy gradient: {e['policy_gradient']}")
     print(f"\nwritten to {out} (summary.json, metrics.jsonl, plots: {', '.join(p.name for p in plots)})")
