@@ -81,7 +81,8 @@ def sample_next(
     else:
         probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    logp = token_logprobs(logits[:, None, :], token[:, None], temperature)[:, 0]
+    tau = temperature if temperature > 0 else 1.0  # greedy at τ = 0: report the log-prob at τ = 1
+    logp = token_logprobs(logits[:, None, :], token[:, None], tau)[:, 0]
     return token, logp
 
 

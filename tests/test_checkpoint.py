@@ -109,3 +109,27 @@ def test_out_dir_protection(tmp_path):
         prepare_out_dir(tmp_path / "new", resume=True, overwrite=False)
     assert prepare_out_dir(run, resume=False, overwrite=True).is_dir()
     assert not (run / "keep.txt").exists()
+
+
+def test_rewriting_a_step_survives_a_crash_between_the_renames(tmp_path, monkeypatch):
+    import os
+
+    run = make_run(tmp_path)
+    model = tiny()
+    save_checkpoint(run, 1, model)
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def replace(a, b):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the old step_1 is set aside; the process dies before the new one moves in
+            raise KeyboardInterrupt
+        return real_replace(a, b)
+
+    monkeypatch.setattr(ck.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(run, 1, model)
+    monkeypatch.undo()
+    _, ckpt = find_checkpoint(run)  # puts the old copy back
+    assert ckpt.name == "step_1"
+    load_weights(tiny(), ckpt)

@@ -197,3 +197,17 @@ def test_prepare_then_overwrite(tmp_path, capsys):
     assert "already holds a run" in error_line(capsys, 2, ["prepare", "--data", str(data), "--out", str(out)])
     assert main(["prepare", "--data", str(data), "--out", str(out), "--overwrite"]) == 0
     assert (out / "train.bin").stat().st_size > 0 and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--eval-every", "0"), ("--ckpt-every", "0"),
+                                         ("--log-every", "0"), ("--lr", "-1")])
+def test_bad_numbers_are_one_line(tmp_path, capsys, flag, value):
+    data = tmp_path / "d.txt"
+    data.write_text("abc " * 100)
+    line = error_line(capsys, 2, ["pretrain", "--data", str(data), "--steps", "2", "--out", str(tmp_path / "o"),
+                                  *TINY, flag, value])
+    assert flag in line
+
+
+def test_eval_of_a_missing_jsonl_is_one_line(run, tmp_path, capsys):
+    assert "no such file" in error_line(capsys, 2, ["eval", "--ckpt", str(run), "--data", str(tmp_path / "x.jsonl")])

@@ -14,7 +14,15 @@ from pglm.errors import UserError
 def cmd_eval(args):
     import tempfile
 
-    from pglm.data import encode_to_file, load_tokens, read_sft, sequential_windows, sft_batch, token_dtype
+    from pglm.data import (
+        encode_to_file,
+        load_tokens,
+        read_sft,
+        sequential_windows,
+        sft_batch,
+        source_files,
+        token_dtype,
+    )
     from pglm.evaluate import evaluate_lm
     from pglm.runs import load_run
     from pglm.train.mle import resolve_device
@@ -27,6 +35,8 @@ def cmd_eval(args):
         from pglm.tasks import get_task
 
         task = get_task(args.task)
+        if args.samples < 0 or args.temperature <= 0:
+            raise UserError("--samples must be 0 or more and --temperature positive")
         run = load_run(args.ckpt, device)
         check_task_tokenizer(run.tokenizer, task, args.ckpt)
         result = {"ckpt": str(run.ckpt_dir), "task": task.name,
@@ -40,7 +50,10 @@ def cmd_eval(args):
         return
     run = load_run(args.ckpt, device)
     T, tok = run.model.config.block_size, run.tokenizer
-    if args.data.endswith(".jsonl") and _looks_like_sft(args.data):
+    files = source_files(args.data)  # a missing file or empty glob is one clear line, here
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if files and files[0].suffix == ".jsonl" and _looks_like_sft(files[0]):
         rows = read_sft(args.data, tok, T)
         batches = (sft_batch(rows[i : i + args.batch_size], tok.pad_id) for i in range(0, len(rows), args.batch_size))
         result = evaluate_lm(run.model, batches, device)

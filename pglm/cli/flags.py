@@ -67,6 +67,11 @@ def train_config(args):
 
     if args.steps is None or args.steps <= 0:
         raise UserError("--steps must be a positive number of optimizer steps, e.g. --steps 1000")
+    for name in ("batch_size", "grad_accum", "eval_every", "eval_tokens", "ckpt_every", "log_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lr <= 0 or args.grad_clip < 0 or not 0 < args.val_frac < 1:
+        raise UserError("--lr must be positive, --grad-clip 0 (off) or more, and --val-frac between 0 and 1")
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 

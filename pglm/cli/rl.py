@@ -28,7 +28,6 @@ def _read_prompt_rows(path: str) -> list[dict]:
 def cmd_rl(args):
     from dataclasses import fields as dc_fields
 
-    from pglm.models import ModelConfig
     from pglm.pg.advantages import MovingBaseline
     from pglm.pg.presets import describe, get_preset
     from pglm.rewards.loader import load_rewards
@@ -78,7 +77,7 @@ def cmd_rl(args):
         reward_fn = load_rewards(source["reward"], source["reward_weight"])
         all_rows = _read_prompt_rows(source["prompts"])
         draw_rows = file_rows(all_rows, cfg.seed, cfg.prompts_per_step)
-    N = cfg.max_new_tokens or (task.max_new_tokens if task else None)
+    N = cfg.max_new_tokens if cfg.max_new_tokens is not None else (task.max_new_tokens if task else None)
     if N is None:
         raise UserError("--prompts needs --max-new-tokens N: how long a completion may be")
 
@@ -88,7 +87,11 @@ def cmd_rl(args):
         model, tokenizer = init.model, init.tokenizer
         if task is not None:
             check_task_tokenizer(tokenizer, task, args.init or out)
-        longest = max(len(tokenizer.encode(r["prompt"])) for r in all_rows) + 1  # + bos
+        try:
+            longest = max(len(tokenizer.encode(r["prompt"])) for r in all_rows) + 1  # + bos
+        except UserError as e:
+            raise UserError(f"the tokenizer of {args.init or out} cannot encode the prompts ({e}); "
+                            "start from a model trained on text like them") from None
         if model.config.arch == "gpt" and longest + N > model.config.block_size:
             raise UserError(f"prompts of {longest} tokens plus --max-new-tokens {N} exceed the model's context of "
                             f"{model.config.block_size}; lower --max-new-tokens")
@@ -112,7 +115,7 @@ def cmd_rl(args):
             start = 0
             ref_model = frozen_copy(model) if cfg.beta > 0 else None  # loaded only when β > 0
             config = {"pglm_version": __version__, "command": "rl", "init": str(init.ckpt_dir),
-                      "model": asdict(ModelConfig(**asdict(model.config))), "rl": asdict(cfg), "source": source,
+                      "model": asdict(model.config), "rl": asdict(cfg), "source": source,
                       "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}
             tokenizer.save(out / "tokenizer.json")
             write_json(out / "config.json", config)

@@ -162,6 +162,7 @@ def cmd_sft(args):
             if args.init:
                 init = load_run(args.init)
                 tokenizer, model, model_cfg = init.tokenizer, init.model, init.model.config
+                check_task_tokenizer(tokenizer, task, args.init)
         elif args.init:
             init = load_run(args.init)
             tokenizer, model = init.tokenizer, init.model

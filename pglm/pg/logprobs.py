@@ -20,8 +20,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     """log softmax(logits / τ) gathered at `targets`.
 
     logits (B, T, V), targets (B, T) -> (B, T) in float32 (or float64 when the logits are).
-    Uses `cross_entropy(reduction="none")` (as nanochat does) rather than a full `log_softmax`
-    followed by `gather`: it never keeps a second (B, T, V) tensor alive.
+    Uses `cross_entropy(reduction="none")` (as nanochat does): one fused call instead of a
+    `log_softmax` the caller would hold plus a `gather`. Under autograd it still saves its own
+    (B, T, V) log-softmax for backward; chunking over T is what bounds that (not done yet).
     """
     B, T, V = logits.shape
     if targets.shape != (B, T):

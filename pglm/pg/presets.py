@@ -7,7 +7,7 @@ the resulting objective in one line, so a user sees exactly what is being optimi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pglm.errors import UserError
 
@@ -15,7 +15,7 @@ from pglm.errors import UserError
 @dataclass(frozen=True)
 class Preset:
     name: str
-    advantage: str  # reinforce | moving | rloo | grpo | dr_grpo | gae
+    advantage: str  # moving | rloo | grpo | dr_grpo | gae
     agg: str  # aggregation of the per-token loss (pglm.pg.losses.AGG_MODES)
     level: str = "token"  # importance ratio per token, or per sequence (GSPO)
     clip_low: float = 0.2  # ratio clip 1 − ε_low
@@ -24,7 +24,7 @@ class Preset:
     truncation: str = "keep"  # responses cut at max_new_tokens: keep | mask | penalise
     drop_zero_std_groups: bool = False  # DAPO dynamic sampling: groups with equal rewards leave the loss
     lr: float = 5e-5  # default learning rate, safe on add2 (docs/rl.md)
-    whiten: bool = False  # whiten token advantages over the batch (PPO, REINFORCE++)
+    whiten: bool = False  # whiten the GAE advantages over the batch's valid tokens (ppo)
     source: str = ""  # where the recipe comes from
 
 
@@ -50,13 +50,7 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def with_overrides(preset: Preset, **overrides) -> Preset:
-    """The preset with the given fields replaced (None values are ignored)."""
-    return replace(preset, **{k: v for k, v in overrides.items() if v is not None})
-
-
 _ADV = {
-    "reinforce": "A = R",
     "moving": "A = R − b (b: moving mean of earlier batches)",
     "rloo": "A = R − mean of the other G−1 rewards",
     "grpo": "A = (R − mean_G R) / (std_G R + 1e-6)",
@@ -77,8 +71,12 @@ def describe(p: Preset, beta: float, group_size: int, max_new_tokens: int, gamma
     adv = _ADV[p.advantage].replace("GAE(γ, λ)", f"GAE(γ={gamma}, λ={lam})")
     kl = "no KL"
     if beta > 0:
-        kl = (f"R −= {beta}·Σ_t (log π_old − log π_ref) (k1 in the reward)" if p.kl_placement == "reward"
-              else f"+ {beta}·k3(π, π_ref) per token in the loss")
+        if p.kl_placement == "loss":
+            kl = f"+ {beta}·k3(π, π_ref) per token in the loss"
+        elif p.advantage == "gae":
+            kl = f"r_t −= {beta}·(log π_old − log π_ref) per token (k1 in the reward)"
+        else:
+            kl = f"R −= {beta}·Σ_t (log π_old − log π_ref) (k1 in the reward)"
     agg = _AGG[p.agg].replace("L_max", f"L_max={max_new_tokens}")
     return (f"{p.name}: minimise −{agg} min(r·A, clip(r, {1 - p.clip_low:g}, {1 + p.clip_high:g})·A); {ratio}; "
             f"{adv}, G={group_size}; {kl}; truncated responses: {p.truncation}"

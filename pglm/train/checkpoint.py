@@ -61,9 +61,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     write_json(tmp / "state.json", {"step": step, **(state or {})})
     final = ckpt_root / name
-    if final.exists():  # the same step written again (e.g. after an interrupted resume)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # the same step written again: set the old one aside (find_checkpoint puts it
+        old = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-old-{name}-"))  # back after a crash here)
+        os.replace(final, old / name)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
     latest_tmp = ckpt_root / ".latest.tmp"
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, ckpt_root / "latest")
@@ -89,6 +93,10 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if not latest.is_file():
         raise UserError(f"{path} holds no finished checkpoint yet (no checkpoints/latest); train it first")
     ckpt = path / "checkpoints" / latest.read_text().strip()
+    if not ckpt.exists():  # a crash while the same step was being rewritten: the old copy is set aside
+        for aside in sorted(path.glob(f"checkpoints/.tmp-old-{ckpt.name}-*/{ckpt.name}")):
+            os.replace(aside, ckpt)
+            break
     if not (ckpt / "model.safetensors").is_file():
         raise UserError(f"{latest} names {ckpt.name}, which is missing; pass a checkpoints/step_N that exists")
     return path, ckpt

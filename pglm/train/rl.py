@@ -125,7 +125,10 @@ def collect_rollout(model, tokenizer, rows: list[dict], reward_fn, cfg: RLConfig
                  temperature=cfg.temperature, group_size=G, generator=generator)
     completions = [completion_text(tokenizer, g.response_ids(i)) for i in range(g.tokens.size(0))]
     prompts_rep = [p for p in prompts for _ in range(G)]
-    columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+    keys = dict.fromkeys(k for r in rows for k in r if k != "prompt")  # every field any row has, in order
+    columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}
+    # response length in tokens, eos not counted (builtin length_penalty(tokens=True) reads it)
+    columns["completion_lengths"] = (g.response_mask.sum(1) - g.finished.long()).tolist()
     rewards = call_reward(reward_fn, prompts_rep, completions, columns)
     device = g.tokens.device
     return Rollout(g.tokens, g.n_pad, g.prompt_len, g.response_mask, g.logprobs,
@@ -136,8 +139,6 @@ def compute_advantages(p: Preset, rewards, G: int, baseline: adv_fns.MovingBasel
     """Sequence-level advantages (B,) for every preset but ppo."""
     if p.advantage == "moving":
         return baseline.advantages(rewards)
-    if p.advantage == "reinforce":
-        return adv_fns.reinforce(rewards)
     if p.advantage == "rloo":
         return adv_fns.rloo(rewards, G)
     if p.advantage in ("grpo", "dr_grpo"):
@@ -165,6 +166,15 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
         raise UserError(f"--truncation must be keep, mask or penalise, not '{cfg.truncation}'")
     if cfg.temperature <= 0:
         raise UserError("--temperature must be > 0")
+    for name in ("eval_every", "ckpt_every", "warmup_steps"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if cfg.eval_samples < 0 or (cfg.eval_limit is not None and cfg.eval_limit < 1):
+        raise UserError("--eval-samples must be 0 or more, and --eval-limit at least 1")
+    if cfg.grad_clip <= 0 or cfg.beta < 0 or (cfg.lr is not None and cfg.lr <= 0):
+        raise UserError("--lr and the gradient clip must be positive, and --beta 0 or more")
 
 
 def train_rl(
@@ -191,13 +201,17 @@ def train_rl(
     `evaluate_task`), asked at step 0 of a new run, every cfg.eval_every steps and at the end.
     Ctrl-C finishes the step, checkpoints and raises.
     """
+    if cfg.beta > 0 and ref_model is None:
+        raise ValueError("beta > 0 needs ref_model, the frozen model the KL is measured against")
     device = next(model.parameters()).device
     metrics = metrics or MetricsLog(run_dir)
     G, N = cfg.group_size, max_new_tokens
+    # Only group-relative advantages are all zero when a group's rewards are equal.
+    group_relative = preset.advantage in ("rloo", "grpo", "dr_grpo") and G > 1
     truncation = cfg.truncation or preset.truncation
     lr = cfg.lr if cfg.lr is not None else preset.lr
     model.eval()  # no dropout anywhere in RL (module docstring)
-    params = [q for q in optimizer.param_groups[0]["params"]]
+    params = list(optimizer.param_groups[0]["params"])  # what the gradient-norm clip covers
     last_eval: dict = {}
     zero_std_streak = 0
 
@@ -233,8 +247,7 @@ def train_rl(
                 rewards = rewards - cfg.truncation_penalty * truncated.float()
             elif truncation == "mask":
                 loss_mask &= ro.finished[:, None]  # overlong filtering (DAPO; TRL mask_truncated_completions)
-            group_std = rewards.view(-1, G).std(dim=1) if G > 1 else torch.zeros(B, device=device)
-            zero_std = group_std == 0  # (B/G,)
+            zero_std = rewards.view(-1, G).std(dim=1) == 0 if G > 1 else torch.zeros(B // G, dtype=torch.bool)  # (B/G,)
             if preset.drop_zero_std_groups:  # DAPO dynamic sampling, as a filter of this batch
                 loss_mask &= ~zero_std.repeat_interleave(G)[:, None]
 
@@ -244,12 +257,13 @@ def train_rl(
                 kl_tok = torch.zeros_like(ro.old_logp)
                 if ref_model is not None:
                     ref_logp, _, _ = score(ref_model, None, ro.tokens, ro.n_pad, ro.prompt_len, cfg.temperature)
-                    kl_tok = (ro.old_logp - ref_logp) * ro.mask  # k1 per token (B, N)
+                    kl_tok = kl_estimate(ro.old_logp, ref_logp, "k1") * ro.mask  # k1 per token (B, N)
                 kl_in_reward = cfg.beta > 0 and preset.kl_placement == "reward"
 
                 # 3. Advantages.
                 if preset.advantage == "gae":
-                    _, _, old_values = score(model, value_head, ro.tokens, ro.n_pad, ro.prompt_len, cfg.temperature)
+                    h = model.features(ro.tokens, ro.n_pad)[:, ro.prompt_len - 1 : -1]  # (B, N, C), as in score
+                    old_values = value_head(h)  # (B, N); no logits needed here
                     last = ro.mask.long().sum(1).clamp(min=1) - 1  # (B,) index of the last valid token
                     tok_rewards = -cfg.beta * kl_tok if kl_in_reward else torch.zeros_like(kl_tok)
                     tok_rewards[torch.arange(B, device=device), last] += rewards  # reward on the last token (§2.13)
@@ -311,7 +325,7 @@ def train_rl(
             metrics.log(step, "rl", **row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", samples_s=f"{row['samples_per_s']:.0f}")
             bar.update(1)
-            zero_std_streak = zero_std_streak + 1 if frac_zero == 1.0 else 0
+            zero_std_streak = zero_std_streak + 1 if group_relative and frac_zero == 1.0 else 0
             if zero_std_streak == cfg.zero_std_warn_steps:
                 bar.write(
                     f"warning: for {zero_std_streak} steps every group of {G} samples got equal rewards, so every "
