@@ -29,10 +29,10 @@ import torch
 
 from pglm import __version__
 from pglm.data import sft_batch, sft_example
-from pglm.evaluate import completion_text, evaluate_task
+from pglm.evaluate import evaluate_task
 from pglm.models import build_model, count_params, model_config
 from pglm.pg.presets import describe, get_preset
-from pglm.sampling import generate
+from pglm.sampling import complete
 from pglm.tasks import get_task
 from pglm.tasks.add2 import has_carry, parse_prompt
 from pglm.train.checkpoint import write_json
@@ -78,12 +78,7 @@ def carry_report(model, tokenizer, rows: list[dict]) -> dict:
     """Greedy accuracy overall, on carry and no-carry problems, and the share of carry answers that
     are exactly the teacher's mistake (a + b − 10)."""
     prompts = [r["prompt"] for r in rows]
-    ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-    was_training = model.training
-    model.eval()
-    g = generate(model, ids, 4, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, greedy=True)
-    model.train(was_training)
-    answers = [completion_text(tokenizer, g.response_ids(i)).strip() for i in range(len(rows))]
+    answers = _answers(model, tokenizer, rows)
     carry = {"ok": 0, "n": 0, "mistake": 0}
     plain = {"ok": 0, "n": 0}
     for p, ans in zip(prompts, answers):
@@ -202,10 +197,13 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     return summary
 
 
-def _answers(model, tok, rows):
-    ids = [[tok.bos_id, *tok.encode(r["prompt"])] for r in rows]
-    g = generate(model.eval(), ids, 4, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
-    return [completion_text(tok, g.response_ids(i)).strip() for i in range(len(rows))]
+def _answers(model, tok, rows) -> list[str]:
+    """Greedy answers to add2 rows (the model's train/eval mode is left as it was)."""
+    was_training = model.training
+    model.eval()
+    _, texts = complete(model, tok, [r["prompt"] for r in rows], get_task("add2").max_new_tokens, greedy=True)
+    model.train(was_training)
+    return [t.strip() for t in texts]
 
 
 def _passk(figures: dict) -> dict:

@@ -36,17 +36,6 @@ def evaluate_lm(model, batches: Iterable[Batch], device="cpu", autocast=None) ->
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_token_acc": correct / count, "val_tokens": count}
 
 
-def completion_text(tokenizer, ids: list[int]) -> str:
-    """The text a reward sees: the response up to (not including) eos, special tokens kept.
-
-    Decoding with special tokens skipped would make a generated <pad> or <bos> vanish from the text
-    the reward judges (shared/reference/trl_add2.md, "what went wrong in TRL", 4).
-    """
-    if ids and ids[-1] == tokenizer.eos_id:
-        ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special=False)
-
-
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task, *, samples: int = 0, temperature: float = 1.0, limit: int | None = None,
                   seed: int = 0, batch_size: int = 500) -> dict:
@@ -55,7 +44,7 @@ def evaluate_task(model, tokenizer, task, *, samples: int = 0, temperature: floa
     pass@k uses the unbiased estimator of Chen et al. (2021) over the sampled completions only (the
     greedy one is not among them), for k = 1, 2, 4, ... up to `samples`.
     """
-    from pglm.sampling import generate
+    from pglm.sampling import complete
     from pglm.tasks.base import pass_at_k
 
     rows = task.heldout()[:limit]
@@ -66,14 +55,11 @@ def evaluate_task(model, tokenizer, task, *, samples: int = 0, temperature: floa
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         prompts = [r["prompt"] for r in chunk]
-        ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-        g = generate(model, ids, task.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, greedy=True)
-        texts = [completion_text(tokenizer, g.response_ids(j)) for j in range(len(chunk))]
+        _, texts = complete(model, tokenizer, prompts, task.max_new_tokens, greedy=True)
         greedy_correct += [r == 1.0 for r in task.reward(prompts, texts)]
         if samples:
-            g = generate(model, ids, task.max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                         temperature=temperature, group_size=samples, generator=gen)
-            texts = [completion_text(tokenizer, g.response_ids(j)) for j in range(len(chunk) * samples)]
+            _, texts = complete(model, tokenizer, prompts, task.max_new_tokens, temperature=temperature,
+                                group_size=samples, generator=gen)
             ok = task.reward([p for p in prompts for _ in range(samples)], texts)
             sample_correct += [sum(ok[j * samples : (j + 1) * samples]) for j in range(len(chunk))]
     model.train(was_training)

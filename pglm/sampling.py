@@ -157,3 +157,22 @@ def generate(
         if use_cache:
             logits = model.forward_cached(token[:, None], cache)[:, -1]  # (B, V)
     return Generation(tokens, n_pad, P, response_mask, logprobs, finished)
+
+
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """The text a reward sees: the response up to (not including) eos, special tokens kept.
+
+    Decoding with special tokens skipped would make a generated <pad> or <bos> vanish from the text
+    the reward judges (shared/reference/trl_add2.md, "what went wrong in TRL", 4).
+    """
+    if ids and ids[-1] == tokenizer.eos_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special=False)
+
+
+def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, **kwargs) -> tuple[Generation, list[str]]:
+    """Text prompts in (each as <bos> prompt), the generation and the text a reward sees of every row
+    out; with group_size G, rows i·G .. i·G + G − 1 are prompt i's samples. kwargs go to `generate`."""
+    ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    g = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kwargs)
+    return g, [completion_text(tokenizer, g.response_ids(i)) for i in range(g.tokens.size(0))]

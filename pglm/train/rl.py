@@ -29,14 +29,13 @@ import torch
 from tqdm.auto import tqdm
 
 from pglm.errors import UserError
-from pglm.evaluate import completion_text
 from pglm.pg import advantages as adv_fns
 from pglm.pg.kl import kl_estimate
 from pglm.pg.logprobs import token_logprobs
 from pglm.pg.losses import aggregate, entropy, policy_loss, value_loss
 from pglm.pg.presets import Preset
 from pglm.rewards.loader import call_reward
-from pglm.sampling import generate
+from pglm.sampling import complete
 from pglm.train.checkpoint import save_checkpoint
 from pglm.train.metrics import MetricsLog
 from pglm.train.mle import stop_on_ctrl_c
@@ -120,10 +119,8 @@ def collect_rollout(model, tokenizer, rows: list[dict], reward_fn, cfg: RLConfig
                     generator: torch.Generator) -> Rollout:
     G = cfg.group_size
     prompts = [r["prompt"] for r in rows]
-    ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-    g = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                 temperature=cfg.temperature, group_size=G, generator=generator)
-    completions = [completion_text(tokenizer, g.response_ids(i)) for i in range(g.tokens.size(0))]
+    g, completions = complete(model, tokenizer, prompts, max_new_tokens, temperature=cfg.temperature,
+                              group_size=G, generator=generator)
     prompts_rep = [p for p in prompts for _ in range(G)]
     keys = dict.fromkeys(k for r in rows for k in r if k != "prompt")  # every field any row has, in order
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}
