@@ -21,6 +21,13 @@ def _smooth(ys, window=10):
     return out
 
 
+def _save(plt, fig, path: Path, **kwargs) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, **kwargs)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir) -> list[Path]:
     """Draw the curves of a run (maximum likelihood and/or policy gradient); returns the files written."""
     import matplotlib
@@ -48,11 +55,7 @@ def plot_run(run_dir) -> list[Path]:
         ax2.set(xlabel="optimizer step", ylabel="next-token accuracy", title="Validation next-token accuracy")
         ax2.grid(alpha=0.3)
         fig.suptitle(run_dir.name)
-        fig.tight_layout()
-        path = out_dir / "loss.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir / "loss.png"))
 
     rsteps, reward = _series(rows, "rl", "reward_mean")
     if rsteps:
@@ -80,11 +83,7 @@ def plot_run(run_dir) -> list[Path]:
         for ax in axes:
             ax.grid(alpha=0.3)
         fig.suptitle(run_dir.name)
-        fig.tight_layout()
-        path = out_dir / "rl.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir / "rl.png"))
     if (run_dir / "mle_only" / "metrics.jsonl").is_file():
         written.append(_plot_demo(plt, run_dir, rows, read_metrics(run_dir / "mle_only" / "metrics.jsonl"), out_dir))
     return written
@@ -114,8 +113,4 @@ def _plot_demo(plt, run_dir: Path, rows, only_rows, out_dir: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{run_dir.name}: the same teacher data, two ways to continue")
-    fig.tight_layout()
-    path = out_dir / "demo.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / "demo.png", bbox_inches="tight")

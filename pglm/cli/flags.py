@@ -36,12 +36,12 @@ def add_model_flags(p):
     g.add_argument("--no-tie-embeddings", action="store_true", help="separate input and output embeddings")
 
 
-def add_train_flags(p, steps_default=None):
+def add_train_flags(p):
     from pglm.train.mle import TrainConfig
 
     d = TrainConfig()
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=steps_default, help="optimizer steps in all")
+    g.add_argument("--steps", type=int, help="optimizer steps in all")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per micro-batch (default {d.batch_size})")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
