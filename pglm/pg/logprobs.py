@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -22,7 +23,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     logits (B, T, V), targets (B, T) -> (B, T) in float32 (or float64 when the logits are).
     Uses `cross_entropy(reduction="none")` (as nanochat does): one fused call instead of a
     `log_softmax` the caller would hold plus a `gather`. Under autograd it still saves its own
-    (B, T, V) log-softmax for backward; chunking over T is what bounds that (not done yet).
+    (B, T, V) log-softmax for backward; `head_logprobs` chunks over T to bound that.
     """
     B, T, V = logits.shape
     if targets.shape != (B, T):
@@ -35,6 +36,41 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return -nll.view(B, T)
 
 
+# Full-vocabulary floats one chunk of `head_logprobs` may hold: 2^23 floats = 32 MiB in float32. A 32k
+# vocabulary then scores 256 positions at a time; a small vocabulary is never chunked at all.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def head_logprobs(
+    h: torch.Tensor, lm_head, targets: torch.Tensor, temperature: float = 1.0, max_elements: int = CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """`token_logprobs(lm_head(h), targets)` without holding (B, T, V) logits for the whole batch.
+
+    h (B, T, C) final hidden states, targets (B, T) -> (B, T). When B·T·V exceeds `max_elements` the
+    positions are scored in chunks of T; under autograd each chunk is recomputed in backward
+    (activation checkpointing, as Liger-Kernel's fused linear cross-entropy and torchtune's chunked
+    loss do), so the peak is one chunk's logits, not the batch's. The values are those of the
+    unchunked call.
+    """
+    B, T, _ = h.shape
+    V = lm_head.weight.shape[0]
+    if B * T * V <= max_elements:
+        return token_logprobs(lm_head(h), targets, temperature)
+    step = max(1, max_elements // (B * V))  # positions per chunk
+
+    def piece(h_c, t_c):
+        return token_logprobs(lm_head(h_c), t_c, temperature)
+
+    out = []
+    for s in range(0, T, step):
+        h_c, t_c = h[:, s : s + step], targets[:, s : s + step]
+        if torch.is_grad_enabled() and h_c.requires_grad:
+            out.append(checkpoint(piece, h_c, t_c, use_reentrant=False))
+        else:
+            out.append(piece(h_c, t_c))
+    return torch.cat(out, dim=1)  # (B, T)
+
+
 def shifted_logprobs(
     model, tokens: torch.Tensor, n_pad: torch.Tensor | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -43,8 +79,8 @@ def shifted_logprobs(
     tokens (B, T), optionally left-padded by n_pad (B,) -> (B, T - 1), where column t is
     log π(tokens[:, t + 1] | tokens[:, :t + 1]). Callers mask what they do not want counted.
     """
-    logits = model(tokens, n_pad=n_pad)  # (B, T, V)
-    return token_logprobs(logits[:, :-1], tokens[:, 1:], temperature)  # (B, T-1)
+    h = model.features(tokens, n_pad)[:, :-1]  # (B, T-1, C)
+    return head_logprobs(h, model.lm_head, tokens[:, 1:], temperature)  # (B, T-1)
 
 
 def masked_mean_nll(logprobs: torch.Tensor, mask: torch.Tensor, n_tokens: int | float | None = None):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pglm.data import Batch
 from pglm.evaluate import evaluate_lm
-from pglm.pg.logprobs import masked_mean_nll, token_logprobs
+from pglm.pg.logprobs import head_logprobs, masked_mean_nll
 from pglm.train.checkpoint import save_checkpoint
 from pglm.train.metrics import MetricsLog
 
@@ -163,8 +163,8 @@ def train_mle(
             loss_sum = 0.0
             for b in micro:
                 with autocast():
-                    logits = model(b.x)  # (B, T, V)
-                logp = token_logprobs(logits, b.y)  # (B, T)
+                    h = model.features(b.x)  # (B, T, C)
+                    logp = head_logprobs(h, model.lm_head, b.y)  # (B, T), chunked for large vocabularies
                 loss = masked_mean_nll(logp, b.mask, max(n_tokens, 1))
                 loss.backward()
                 loss_sum += loss.item()
