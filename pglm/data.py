@@ -160,7 +160,7 @@ def encode_to_file(src: str, tokenizer, path: Path, text_field: str = "text") ->
         def flush():
             nonlocal n
             for ids, (start, end) in zip(tokenizer.encode_batch(batch), ends):
-                ids = [tokenizer.bos_id] * start + ids + [tokenizer.eos_id] * end
+                ids = [tokenizer.bos_id] * (start and tokenizer.add_bos) + ids + [tokenizer.eos_id] * end
                 np.asarray(ids, dtype=dtype).tofile(f)
                 n += len(ids)
             batch.clear()
@@ -285,7 +285,7 @@ class SFTExample:
 
 def sft_example(tokenizer, prompt: str, completion: str, block_size: int) -> SFTExample | None:
     """<bos> prompt completion <eos>, cut to block_size + 1 tokens; None when the prompt fills it all."""
-    p = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    p = tokenizer.prompt_ids(prompt)
     ids = (p + tokenizer.encode(completion) + [tokenizer.eos_id])[: block_size + 1]
     return SFTExample(ids, len(p)) if len(p) < len(ids) else None
 
@@ -330,3 +330,65 @@ def sft_batch(examples: list[SFTExample], pad_id: int) -> Batch:
         # target y[t] = ids[t + 1] is a completion token when t + 1 >= n_prompt
         mask[i, e.n_prompt - 1 : n] = True
     return Batch(x, y, mask)
+
+
+# ---- prompt datasets for policy gradient (pglm rl --prompts) ----
+
+
+def _dataset_rows(path: Path, label: str) -> list[dict]:
+    """Rows of a Parquet file or a `datasets` save_to_disk directory, read with Hugging Face datasets."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{label} needs Hugging Face datasets to read; pip install 'pglm[hf]'") from None
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as e:  # noqa: BLE001 — datasets and pyarrow raise many kinds; all mean "not readable"
+        raise UserError(f"{label} cannot be read as a dataset ({str(e).splitlines()[0][:200]}); pass a JSONL file, "
+                        "a Parquet file or a directory written by Dataset.save_to_disk") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise UserError(f"{label} holds the splits {', '.join(ds)} and no 'train'; save the split to use on its own")
+        ds = ds["train"]
+    return [dict(row) for row in ds]
+
+
+def read_prompt_rows(src: str) -> list[dict]:
+    """The rows of a prompt dataset: JSONL lines, a Parquet file, or a `datasets` save_to_disk directory.
+
+    Each row has either `prompt` (a string, or a list of chat messages as TRL's conversational
+    datasets have it) or `messages` (chat messages); every other field reaches the reward function.
+    Chat rows are rendered later, by `render_prompts`, once the model's tokenizer is known.
+    """
+    label = f"--prompts {src}"
+    path = Path(src)
+    if path.is_dir() or path.suffix == ".parquet":
+        found = [(f"{src} row {i + 1}", row) for i, row in enumerate(_dataset_rows(path, label))]
+    else:
+        found = [(f"{f}:{lineno}", row) for f in source_files(src) for lineno, row in jsonl_rows(f)]
+    rows = []
+    for where, row in found:
+        prompt = row.get("prompt", row.get("messages"))
+        is_chat = isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+        if not (isinstance(prompt, str) or (is_chat and prompt)):
+            raise UserError(f"{where}: no string 'prompt' and no chat 'messages'; write rows such as "
+                            '{"prompt": "2+2=", "answer": "4"} or {"messages": [{"role": "user", "content": "2+2?"}]}')
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{label} holds no prompts")
+    return rows
+
+
+def render_prompts(rows: list[dict], tokenizer) -> list[dict]:
+    """Rows whose `prompt` is text: chat messages (`messages`, or a list under `prompt`) go through the
+    tokenizer's chat template, ready for the assistant's turn; the messages stay as a column."""
+    out = []
+    for row in rows:
+        prompt = row.get("prompt", row.get("messages"))
+        if isinstance(prompt, list):
+            row = {**row, "prompt": tokenizer.render_chat(prompt)}
+        out.append(row)
+    return out

@@ -8,22 +8,33 @@ from pathlib import Path
 import torch
 
 from pglm.errors import UserError
-from pglm.models import ModelConfig, build_model
+from pglm.models import build_model, config_from_dict
 from pglm.tokenizers import Tokenizer, load_tokenizer
 from pglm.train.checkpoint import find_checkpoint, load_weights, read_json
 
 
 @dataclass
 class LoadedRun:
-    run_dir: Path
-    ckpt_dir: Path
+    run_dir: Path | None  # None for an hf: model
+    ckpt_dir: Path | str  # the checkpoint directory, or "hf:PATH"
     config: dict  # RUN/config.json
     tokenizer: Tokenizer
     model: torch.nn.Module
 
 
-def load_run(path: str | Path, device="cpu") -> LoadedRun:
-    """The model of a run directory (its latest checkpoint) or of one checkpoints/step_N."""
+def load_run(path: str | Path, device="cpu", trust_remote_code: bool = False, block_size: int | None = None) -> LoadedRun:
+    """The model of a run directory (its latest checkpoint), of one checkpoints/step_N, or of `hf:PATH`
+    (a Hugging Face model directory or hub id, with its own tokenizer)."""
+    if str(path).startswith("hf:"):
+        from dataclasses import asdict
+
+        from pglm.models.hf import load_hf
+        from pglm.tokenizers import auto_tokenizer
+
+        model = load_hf(str(path), trust_remote_code, block_size)  # first: "not a model" before "no tokenizer"
+        tokenizer = auto_tokenizer(str(path)[3:], trust_remote_code)
+        model.to(device).eval()
+        return LoadedRun(None, str(path), {"model": asdict(model.config)}, tokenizer, model)
     run_dir, ckpt_dir = find_checkpoint(path)
     config = read_json(run_dir / "config.json")
     if "model" not in config:
@@ -32,7 +43,7 @@ def load_run(path: str | Path, device="cpu") -> LoadedRun:
     if not tok_file.is_file():
         raise UserError(f"{tok_file} is missing; the run directory is incomplete")
     tokenizer = load_tokenizer(tok_file)
-    model = build_model(ModelConfig(**config["model"]))
+    model = build_model(config_from_dict(config["model"]))
     load_weights(model, ckpt_dir)
     model.to(device).eval()
     return LoadedRun(run_dir, ckpt_dir, config, tokenizer, model)

@@ -114,11 +114,11 @@ def generate(
     prompt_tokens, n_pad = left_pad(prompts, pad_id)  # (B0, P), (B0,)
     B0, P = prompt_tokens.shape
     block = getattr(model.config, "block_size", None)
-    if model.config.arch == "gpt" and P > block:
+    if model.config.arch != "lstm" and P > block:
         raise UserError(
             f"the prompt is {P} tokens but the model's context is {block}; shorten the prompt"
         )
-    if model.config.arch == "gpt":
+    if model.config.arch != "lstm":
         max_new_tokens = min(max_new_tokens, block - P)
     B, N = B0 * group_size, max_new_tokens
     prompt_tokens, n_pad = prompt_tokens.to(device), n_pad.to(device)
@@ -171,8 +171,8 @@ def completion_text(tokenizer, ids: list[int]) -> str:
 
 
 def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, **kwargs) -> tuple[Generation, list[str]]:
-    """Text prompts in (each as <bos> prompt), the generation and the text a reward sees of every row
+    """Text prompts in (each as `tokenizer.prompt_ids`: <bos> prompt), the generation and the text a reward sees of every row
     out; with group_size G, rows i·G .. i·G + G − 1 are prompt i's samples. kwargs go to `generate`."""
-    ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    ids = [tokenizer.prompt_ids(p) for p in prompts]
     g = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kwargs)
     return g, [completion_text(tokenizer, g.response_ids(i)) for i in range(g.tokens.size(0))]

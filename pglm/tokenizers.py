@@ -37,9 +37,43 @@ class Tokenizer:
     bos_id: int
     eos_id: int
     unk_id: int | None  # None when every input has a token of its own (bpe, char without <unk>)
+    # Whether a sequence starts with <bos>. Always for char/word/bpe; for a Hugging Face tokenizer, what
+    # the tokenizer itself does (Llama: yes; GPT-2 and Qwen2: no), so a pretrained model sees its prompts
+    # as it was trained on them.
+    add_bos: bool = True
+    chat_template: str | None = None  # a Hugging Face tokenizer's Jinja chat template, where it has one
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The ids a prompt (or a document) starts a sequence with: <bos> where the tokenizer uses one
+        (never twice: a chat template may write it already), then the text. Never empty."""
+        ids = self.encode(text)
+        if (self.add_bos and not (ids and ids[0] == self.bos_id)) or not ids:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """A conversation rendered by the tokenizer's chat template, ready for the assistant's turn."""
+        if not self.chat_template:
+            raise UserError(
+                f"the {self.kind} tokenizer has no chat template, so rows with 'messages' cannot be rendered; "
+                "use rows with a 'prompt' field, or a model whose tokenizer_config.json has a chat_template"
+            )
+        try:
+            from transformers import PreTrainedTokenizerFast
+        except ImportError:
+            raise UserError("rendering chat messages needs transformers; pip install 'pglm[hf]'") from None
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=self.tok, chat_template=self.chat_template, bos_token=self.decode([self.bos_id], False),
+            eos_token=self.decode([self.eos_id], False),
+        )
+        try:
+            return fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 — Jinja raises its own errors for malformed messages
+            raise UserError(f"the chat template cannot render {str(messages)[:80]} ({e}); "
+                            "messages are [{\"role\": \"user\", \"content\": \"...\"}, ...]") from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -162,9 +196,11 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, tok: HFTokenizerJSON, pad_id: int, bos_id: int, eos_id: int, unk_id: int | None):
+    def __init__(self, tok: HFTokenizerJSON, pad_id: int, bos_id: int, eos_id: int, unk_id: int | None,
+                 add_bos: bool = True, chat_template: str | None = None):
         self.tok = tok
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = pad_id, bos_id, eos_id, unk_id
+        self.add_bos, self.chat_template = add_bos, chat_template
         # Added tokens may sit above the model's own vocabulary, so size by the largest id.
         self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
 
@@ -179,7 +215,8 @@ class HFTokenizer(Tokenizer):
 
     def to_dict(self) -> dict:
         return {"pglm_tokenizer": FORMAT, "kind": self.kind, "hf": json.loads(self.tok.to_str()),
-                "pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id, "unk_id": self.unk_id}
+                "pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id, "unk_id": self.unk_id,
+                "add_bos": self.add_bos, "chat_template": self.chat_template}
 
 
 class BPETokenizer(HFTokenizer):
@@ -263,7 +300,8 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
             return BPETokenizer(HFTokenizerJSON.from_str(json.dumps(d["hf"])))
         if kind == "hf":
             tok = HFTokenizerJSON.from_str(json.dumps(d["hf"]))
-            return HFTokenizer(tok, *(d[k] for k in ("pad_id", "bos_id", "eos_id", "unk_id")))
+            return HFTokenizer(tok, *(d[k] for k in ("pad_id", "bos_id", "eos_id", "unk_id")),
+                               add_bos=d.get("add_bos", True), chat_template=d.get("chat_template"))
     except KeyError as e:
         raise UserError(f"{kind} tokenizer file lacks the key {e}; re-save it with pglm") from None
     raise UserError(f"unknown tokenizer {kind!r}; choose char, word, bpe or hf:PATH")
@@ -286,6 +324,31 @@ def hf_tokenizer(path) -> Tokenizer:
 
     A pglm tokenizer.json is read as what it is, so the tokenizer of an earlier run works too."""
     return _load(path, label=f"hf:{path}")
+
+
+def auto_tokenizer(path: str, trust_remote_code: bool = False) -> Tokenizer:
+    """The tokenizer of a Hugging Face model: its tokenizer.json where the directory has one, else what
+    `AutoTokenizer` makes of it (a hub id, or a model that ships only a slow tokenizer)."""
+    if (Path(path) / "tokenizer.json").is_file():
+        return hf_tokenizer(path)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UserError("hf: models need transformers; pip install 'pglm[hf]'") from None
+    try:
+        auto = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"hf:{path}: no tokenizer can be loaded ({str(e).splitlines()[0]}); the directory needs "
+                        "tokenizer.json or the files AutoTokenizer reads") from None
+    if not auto.is_fast or auto.eos_token_id is None:
+        raise UserError(f"hf:{path}: its tokenizer has no fast (tokenizer.json) form or no end-of-text token; "
+                        "save it with a recent transformers so tokenizer.json is written")
+    with_specials = auto("a").input_ids
+    bos = auto.bos_token_id
+    return HFTokenizer(auto.backend_tokenizer, pad_id=auto.pad_token_id if auto.pad_token_id is not None else auto.eos_token_id,
+                       bos_id=bos if bos is not None else auto.eos_token_id, eos_id=auto.eos_token_id,
+                       unk_id=auto.unk_token_id, add_bos=bos is not None and with_specials[:1] == [bos],
+                       chat_template=auto.chat_template if isinstance(auto.chat_template, str) else None)
 
 
 def _load(path, label: str) -> Tokenizer:
@@ -334,7 +397,19 @@ def _wrap_hf(file: Path, d: dict, label: str) -> HFTokenizer:
         raise UserError(f"{label}: no end-of-text token found; name one as eos_token in tokenizer_config.json")
     bos = special_id("bos_token")
     pad = special_id("pad_token")
+    # Does the tokenizer itself start a sequence with <bos>? tokenizer_config.json may say; otherwise its
+    # post-processor shows it.
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:
+        with_specials = tok.encode("a", add_special_tokens=True).ids
+        add_bos = bos is not None and bool(with_specials) and with_specials[0] == bos
+    template = config.get("chat_template")
+    if (file.parent / "chat_template.jinja").is_file():  # where transformers >= 4.51 saves it
+        template = (file.parent / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
     # Without a bos or pad token we reuse eos (as GPT-2 does). Reusing it as pad is safe because
     # pglm never derives attention or loss masks from the pad id.
     return HFTokenizer(tok, pad_id=eos if pad is None else pad, bos_id=eos if bos is None else bos,
-                       eos_id=eos, unk_id=special_id("unk_token"))
+                       eos_id=eos, unk_id=special_id("unk_token"), add_bos=bool(add_bos) and bos is not None,
+                       chat_template=template)

@@ -189,8 +189,8 @@ def off_by_one(model, g):
 
 
 def no_temperature(model, g):
-    _, logits, _ = score(model, None, g.tokens, g.n_pad, g.prompt_len, TAU)
-    return rloo_token_sum(model, g, logp=token_logprobs(logits, g.response))  # τ left out
+    _, h, _ = score(model, None, g.tokens, g.n_pad, g.prompt_len, TAU)
+    return rloo_token_sum(model, g, logp=token_logprobs(model.lm_head(h), g.response))  # τ left out
 
 
 def eos_masked_out(model, g):

@@ -14,9 +14,15 @@ import sys
 from pathlib import Path
 
 from pglm import __version__
-from pglm.cli.apply import cmd_chat, cmd_eval, cmd_generate, cmd_plot
+from pglm.cli.apply import cmd_chat, cmd_eval, cmd_export, cmd_generate, cmd_plot
 from pglm.cli.demo import cmd_demo
-from pglm.cli.flags import add_model_flags, add_sampling_flags, add_tokenizer_flags, add_train_flags
+from pglm.cli.flags import (
+    add_hf_flags,
+    add_model_flags,
+    add_sampling_flags,
+    add_tokenizer_flags,
+    add_train_flags,
+)
 from pglm.cli.rl import cmd_rl
 from pglm.cli.train import cmd_prepare, cmd_pretrain, cmd_sft
 from pglm.errors import UserError
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Maximum likelihood on the completions of prompt/completion JSONL (the loss skips prompt tokens).")
     data_flags(p, "FILE.jsonl with 'prompt' and 'completion' fields")
     p.add_argument("--task", help="instead of --data: solved problems of a built-in task (add2, reverse, sort_digits)")
-    p.add_argument("--init", help="start from this run or checkpoint (its model and tokenizer)")
+    p.add_argument("--init", help="start from this run or checkpoint (its model and tokenizer), or hf:PATH")
     add_tokenizer_flags(p)
     add_model_flags(p)
     add_train_flags(p)
@@ -86,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = RLConfig()
     p = sub.add_parser("rl", help="tune a model by policy gradient against a reward",
                        description="Tune a model by policy gradient: maximise the expected reward of its samples.")
-    p.add_argument("--init", help="the run or checkpoint to start from (its model and tokenizer)")
+    p.add_argument("--init", help="the run or checkpoint to start from (its model and tokenizer), or hf:PATH")
     p.add_argument("--task", help="a built-in task: add2 | reverse | sort_digits")
     p.add_argument("--prompts", help="instead of --task: JSONL with a 'prompt' field; other fields reach the reward")
     p.add_argument("--reward", action="append", help="with --prompts: module:function or path/to/file.py:function "
@@ -114,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    add_hf_flags(p.add_argument_group("hf: models"))
     p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("eval", help="loss, perplexity and next-token accuracy on a file",
@@ -145,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw the curves of a run", description="Draw RUN/plots/*.png from RUN/metrics.jsonl.")
     p.add_argument("run", help="run directory")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory",
+                       description="Write a gpt checkpoint as a LlamaForCausalLM directory (config, safetensors "
+                       "weights, tokenizer) that transformers loads as it is.")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoints/step_N")
+    p.add_argument("--format", default="hf", help="output format; only hf (a Hugging Face model directory)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--merge-lora", action="store_true", help="hf:... runs: merge LoRA adapters into the weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

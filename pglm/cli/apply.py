@@ -94,9 +94,9 @@ def _sample(run, prompts: list[str], args, group_size: int):
     from pglm.sampling import generate
 
     tok, model = run.tokenizer, run.model
-    ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+    ids = [tok.prompt_ids(p) for p in prompts]
     P = max(len(i) for i in ids)
-    if model.config.arch == "gpt":
+    if model.config.arch != "lstm":
         if P > model.config.block_size:
             raise UserError(
                 f"the prompt is {P} tokens but the model's context is {model.config.block_size}; shorten the prompt"
@@ -165,3 +165,12 @@ def cmd_plot(args):
         raise UserError(f"{args.run} has no metrics.jsonl; pass a run directory written by pglm")
     for path in plot_run(args.run):
         print(path)
+
+
+def cmd_export(args):
+    from pglm.export import export_run_summary
+
+    if args.format != "hf":
+        raise UserError(f"--format {args.format} is not supported; the one export format is hf")
+    s = export_run_summary(args.ckpt, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    print(f"wrote {s.out}: {s.architecture}, {s.n_params:,} parameters, tokenizer {s.tokenizer_kind}")

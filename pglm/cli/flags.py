@@ -10,7 +10,8 @@ from pglm.errors import UserError
 
 def add_tokenizer_flags(p):
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", default="char", help="char | word | bpe | hf:PATH (a tokenizer.json or a directory holding one)")
+    g.add_argument("--tokenizer", help="char | word | bpe | hf:PATH (a tokenizer.json or a directory holding one); "
+                   "default char, or the model's own with --model hf:PATH")
     g.add_argument("--vocab-size", type=int, help="bpe: vocabulary size to train (default 4096); char/word: keep the most frequent")
     g.add_argument("--zh", action="store_true", help="word: segment Chinese with jieba (pip install 'pglm[zh]')")
     g.add_argument(
@@ -26,7 +27,8 @@ def add_tokenizer_flags(p):
 
 def add_model_flags(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="gpt", help="gpt (Llama-style Transformer) | lstm")
+    g.add_argument("--model", default="gpt", help="gpt (Llama-style Transformer) | lstm | hf:PATH (a Hugging Face "
+                   "causal LM: a local directory, or a hub id where there is network)")
     g.add_argument("--size", default="tiny", help="named size: tiny | small | medium (default tiny)")
     g.add_argument("--n-layer", type=int, help="override: number of layers")
     g.add_argument("--d-model", type=int, help="override: width (LSTM hidden size)")
@@ -34,6 +36,42 @@ def add_model_flags(p):
     g.add_argument("--block-size", type=int, help="override: context length trained on")
     g.add_argument("--dropout", type=float, help="override: dropout rate")
     g.add_argument("--no-tie-embeddings", action="store_true", help="separate input and output embeddings")
+    add_hf_flags(g)
+
+
+def add_hf_flags(g):
+    """Flags for hf: models: remote code, and LoRA through peft."""
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="hf: allow a model that ships its own Python code to run it (off by default)")
+    g.add_argument("--lora-r", type=int, help="hf: train LoRA adapters of this rank instead of every weight")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="hf: LoRA scale α (default 16)")
+    g.add_argument("--lora-targets", help="hf: comma-separated module names to adapt, e.g. q_proj,v_proj "
+                   "(default: peft's choice for the model type)")
+
+
+def lora_targets(args) -> list[str] | None:
+    return [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
+
+
+def hf_model_from(args, device="cpu"):
+    """--model hf:PATH → LoadedRun (model and its tokenizer), with LoRA when --lora-r asks for it."""
+    from pglm.runs import load_run
+
+    if args.tokenizer:
+        raise UserError("a hf: model brings its own tokenizer; drop --tokenizer")
+    loaded = load_run(args.model, device, trust_remote_code=args.trust_remote_code, block_size=args.block_size)
+    apply_lora(args, loaded.model)
+    return loaded
+
+
+def apply_lora(args, model) -> None:
+    if not args.lora_r:
+        return
+    if model.config.arch != "hf":
+        raise UserError("--lora-r applies to hf: models; a pglm gpt or lstm trains all its weights")
+    from pglm.models.hf import add_lora
+
+    add_lora(model, args.lora_r, args.lora_alpha, lora_targets(args))
 
 
 def add_train_flags(p):
@@ -79,8 +117,8 @@ def train_config(args):
 def model_config_from(args, vocab_size: int):
     from pglm.models import model_config
 
-    if args.model.startswith("hf:"):
-        raise UserError("--model hf:PATH is not available in this version; use --model gpt or --model lstm")
+    if args.lora_r:
+        raise UserError("--lora-r applies to hf: models; a pglm gpt or lstm trains all its weights")
     return model_config(
         args.model, args.size, vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model,
         n_head=args.n_head, block_size=args.block_size, dropout=args.dropout,
@@ -91,7 +129,7 @@ def model_config_from(args, vocab_size: int):
 def build_tokenizer(args, texts):
     from pglm.tokenizers import hf_tokenizer, train_tokenizer
 
-    spec = args.tokenizer
+    spec = args.tokenizer or "char"
     if spec.startswith("hf:"):
         return hf_tokenizer(spec[3:])
     stopwords = None

@@ -11,23 +11,11 @@ from pglm.cli.train import check_task_tokenizer, finish_run
 from pglm.errors import UserError
 
 
-def _read_prompt_rows(path: str) -> list[dict]:
-    from pglm.data import jsonl_rows, source_files
-
-    rows = []
-    for f in source_files(path):
-        for lineno, row in jsonl_rows(f):
-            if not isinstance(row.get("prompt"), str):
-                raise UserError(f"{f}:{lineno}: no string field 'prompt'; write lines such as {{\"prompt\": \"2+2=\", \"answer\": \"4\"}}")
-            rows.append(row)
-    if not rows:
-        raise UserError(f"--prompts {path} holds no prompts")
-    return rows
-
-
 def cmd_rl(args):
     from dataclasses import fields as dc_fields
 
+    from pglm.cli.flags import lora_targets
+    from pglm.data import read_prompt_rows, render_prompts
     from pglm.pg.advantages import MovingBaseline
     from pglm.pg.presets import describe, get_preset
     from pglm.rewards.loader import load_rewards
@@ -41,8 +29,8 @@ def cmd_rl(args):
         ValueHead,
         check_shapes,
         file_rows,
-        frozen_copy,
         make_rl_optimizer,
+        reference_model,
         task_rows,
         train_rl,
     )
@@ -58,7 +46,7 @@ def cmd_rl(args):
         source = config["source"]
     else:
         if not args.init:
-            raise UserError("pglm rl needs --init RUN: a model trained by pglm pretrain or sft")
+            raise UserError("pglm rl needs --init RUN (a model trained by pglm pretrain or sft) or --init hf:PATH")
         if (args.task is None) == (args.prompts is None):
             raise UserError("pass --task NAME, or --prompts FILE.jsonl with --reward SPEC")
         if args.prompts and not args.reward:
@@ -75,24 +63,36 @@ def cmd_rl(args):
         all_rows = task.heldout()  # the longest prompts a run will see, for the context check below
     else:
         reward_fn = load_rewards(source["reward"], source["reward_weight"])
-        all_rows = _read_prompt_rows(source["prompts"])
-        draw_rows = file_rows(all_rows, cfg.seed, cfg.prompts_per_step)
+        all_rows = read_prompt_rows(source["prompts"])  # chat rows are rendered once the tokenizer is known
     N = cfg.max_new_tokens if cfg.max_new_tokens is not None else (task.max_new_tokens if task else None)
     if N is None:
         raise UserError("--prompts needs --max-new-tokens N: how long a completion may be")
 
     device = resolve_device(cfg.device)
     with opened_run_dir(args.out, args.resume, args.overwrite) as out:
-        init = load_run(args.init if not args.resume else out, device)
+        if args.resume:
+            init = load_run(out, device)
+        else:
+            init = load_run(args.init, device, trust_remote_code=args.trust_remote_code)
+            if args.lora_r:
+                from pglm.models.hf import add_lora
+
+                if init.model.config.arch != "hf":
+                    raise UserError("--lora-r applies to hf: models; a pglm gpt or lstm trains all its weights")
+                add_lora(init.model, args.lora_r, args.lora_alpha, lora_targets(args))
+                init.model.to(device)
         model, tokenizer = init.model, init.tokenizer
         if task is not None:
             check_task_tokenizer(tokenizer, task, args.init or out)
+        else:
+            all_rows = render_prompts(all_rows, tokenizer)
+            draw_rows = file_rows(all_rows, cfg.seed, cfg.prompts_per_step)
         try:
-            longest = max(len(tokenizer.encode(r["prompt"])) for r in all_rows) + 1  # + bos
+            longest = max(len(tokenizer.prompt_ids(r["prompt"])) for r in all_rows)
         except UserError as e:
             raise UserError(f"the tokenizer of {args.init or out} cannot encode the prompts ({e}); "
                             "start from a model trained on text like them") from None
-        if model.config.arch == "gpt" and longest + N > model.config.block_size:
+        if model.config.arch != "lstm" and longest + N > model.config.block_size:
             raise UserError(f"prompts of {longest} tokens plus --max-new-tokens {N} exceed the model's context of "
                             f"{model.config.block_size}; lower --max-new-tokens")
         value_head = ValueHead(model.config.d_model).to(device) if preset.advantage == "gae" else None
@@ -107,13 +107,16 @@ def cmd_rl(args):
                 load_weights(value_head, init.ckpt_dir, "value_head")
             if baseline is not None and "baseline" in state:
                 baseline.load_state_dict(state["baseline"])
-            ref_model = load_run(config["init"], device).model if cfg.beta > 0 else None
+            ref_model = None
+            if cfg.beta > 0:  # the initial model: the adapter switched off, or the --init run loaded again
+                ref_model = reference_model(model) if getattr(model, "is_lora", False) else \
+                    load_run(config["init"], device, trust_remote_code=getattr(model.config, "trust_remote_code", False)).model
             metrics = MetricsLog(out, resume_step=start, elapsed=state.get("elapsed", 0.0))
             config["rl"] = asdict(cfg)
             write_json(out / "config.json", config)
         else:
             start = 0
-            ref_model = frozen_copy(model) if cfg.beta > 0 else None  # loaded only when β > 0
+            ref_model = reference_model(model) if cfg.beta > 0 else None  # loaded only when β > 0
             config = {"pglm_version": __version__, "command": "rl", "init": str(init.ckpt_dir),
                       "model": asdict(model.config), "rl": asdict(cfg), "source": source,
                       "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}

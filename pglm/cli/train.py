@@ -6,7 +6,7 @@ import sys
 from dataclasses import asdict
 
 from pglm import __version__
-from pglm.cli.flags import build_tokenizer, model_config_from, train_config
+from pglm.cli.flags import build_tokenizer, hf_model_from, model_config_from, train_config
 from pglm.errors import UserError
 
 
@@ -30,7 +30,7 @@ def start_run(args, command: str, prepare):
     """
     import torch
 
-    from pglm.models import ModelConfig, build_model, count_params
+    from pglm.models import build_model, count_params
     from pglm.runs import load_run
     from pglm.train.checkpoint import load_optimizer, opened_run_dir, prepare_out_dir, read_json, write_json
     from pglm.train.metrics import MetricsLog
@@ -81,14 +81,20 @@ def start_run(args, command: str, prepare):
         write_json(out / "config.json", config)
         optimizer = make_optimizer(model, train_cfg)
         metrics = MetricsLog(out, tensorboard=train_cfg.tensorboard)
-    cfg = ModelConfig(**config["model"])
+    cfg = model.config
     print(
-        f"{command}: {cfg.arch} {config['n_params']:,} parameters ({cfg.n_layer} layers, width {cfg.d_model}, "
+        f"{command}: {cfg.arch} {config['n_params']:,} parameters{trainable_note(model)} ({cfg.n_layer} layers, width {cfg.d_model}, "
         f"context {cfg.block_size}), {tokenizer.kind} tokenizer with {tokenizer.vocab_size:,} tokens, "
         f"{train_cfg.steps} steps → {out}",
         file=sys.stderr,
     )
     return out, config, tokenizer, model, optimizer, 0, metrics
+
+
+def trainable_note(model) -> str:
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return "" if n == total else f" ({n:,} of them trained: LoRA)"
 
 
 def finish_run(out, config, final_eval, metrics, command):
@@ -112,12 +118,18 @@ def cmd_pretrain(args):
     from pglm.train.mle import train_mle
 
     def prepare(out):
-        model_config_from(args, vocab_size=1)  # a bad model flag is reported before the data is read
-        tokenizer = build_tokenizer(args, iter_texts(args.data, args.text_field))
+        if args.model.startswith("hf:"):  # a pretrained model goes on learning from the text, with its tokenizer
+            init = hf_model_from(args)
+            tokenizer, model, model_cfg = init.tokenizer, init.model, None
+        else:
+            model_config_from(args, vocab_size=1)  # a bad model flag is reported before the data is read
+            tokenizer, model = build_tokenizer(args, iter_texts(args.data, args.text_field)), None
         info = prepare_corpus(args.data, tokenizer, out / "data", args.val_frac, args.val_data, args.text_field)
         data_info = {"src": args.data, "val_src": args.val_data, "val_frac": args.val_frac,
                      "text_field": args.text_field, **info.__dict__}
-        return tokenizer, data_info, model_config_from(args, tokenizer.vocab_size), None
+        if model is None:
+            model_cfg = model_config_from(args, tokenizer.vocab_size)
+        return tokenizer, data_info, model_cfg, model
 
     out, config, tokenizer, model, optimizer, start, metrics = start_run(args, "pretrain", prepare)
     meta = read_json(out / "data" / "meta.json")
@@ -145,7 +157,6 @@ def cmd_sft(args):
     import random
 
     from pglm.data import read_sft, sft_batch, sft_example
-    from pglm.runs import load_run
     from pglm.tasks import get_task
     from pglm.train.mle import train_mle
 
@@ -159,12 +170,12 @@ def cmd_sft(args):
             tokenizer = task.tokenizer()
             model_cfg = model_config_from(args, tokenizer.vocab_size)
             model = None
-            if args.init:
-                init = load_run(args.init)
+            if args.init or args.model.startswith("hf:"):
+                init = load_init(args)
                 tokenizer, model, model_cfg = init.tokenizer, init.model, init.model.config
-                check_task_tokenizer(tokenizer, task, args.init)
-        elif args.init:
-            init = load_run(args.init)
+                check_task_tokenizer(tokenizer, task, args.init or args.model)
+        elif args.init or args.model.startswith("hf:"):
+            init = load_init(args)
             tokenizer, model = init.tokenizer, init.model
             model_cfg = model.config
         else:
@@ -223,6 +234,20 @@ def cmd_sft(args):
     finish_run(out, config, final, metrics, "sft")
 
 
+
+
+def load_init(args):
+    """sft's starting model: --init RUN | hf:PATH, or --model hf:PATH; LoRA added when asked."""
+    from pglm.cli.flags import apply_lora, hf_model_from
+    from pglm.runs import load_run
+
+    if not args.init:
+        return hf_model_from(args)
+    if args.model.startswith("hf:"):
+        raise UserError("pass --init or --model hf:PATH, not both")
+    init = load_run(args.init, trust_remote_code=args.trust_remote_code, block_size=args.block_size)
+    apply_lora(args, init.model)
+    return init
 
 
 def check_task_tokenizer(tokenizer, task, where):

@@ -8,7 +8,8 @@ where position t predicts token t+1:
     logits = model.forward_cached(tokens, cache)   # appends to the cache: prefill, then decode
     cache = cache.repeat_interleave(G)             # share a prefilled prompt among G samples
 
-gpt.py holds a Llama-style decoder (KVCache), lstm.py an LSTM language model (LSTMState).
+gpt.py holds a Llama-style decoder (KVCache), lstm.py an LSTM language model (LSTMState), hf.py an
+adapter that gives a Hugging Face causal LM the same interface (`--model hf:PATH`).
 """
 
 from __future__ import annotations
@@ -28,13 +29,27 @@ __all__ = [
     "LSTMState",
     "ModelConfig",
     "build_model",
+    "config_from_dict",
     "count_params",
     "model_config",
 ]
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model that `cfg.arch` names, freshly initialised."""
+def config_from_dict(d: dict):
+    """A model config read back from a run's config.json: ModelConfig, or HFConfig for hf: models."""
+    if d.get("arch") == "hf":
+        from pglm.models.hf import HFConfig
+
+        return HFConfig(**d)
+    return ModelConfig(**d)
+
+
+def build_model(cfg) -> nn.Module:
+    """The model that `cfg.arch` names, freshly initialised (an hf: model from its recorded config)."""
+    if cfg.arch == "hf":
+        from pglm.models.hf import build_hf
+
+        return build_hf(cfg)
     if cfg.arch == "gpt":
         return GPT(cfg)
     if cfg.arch == "lstm":

@@ -146,8 +146,22 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0, 
     copy (as verl `entropy_from_logits`); only z and softmax(z) are full-vocab. `normalizer` as in
     `aggregate` token-mean.
     """
+    return aggregate(token_entropy(logits, temperature), mask, "token-mean", normalizer)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / τ) at every position: logits (B, T, V) -> (B, T)."""
     z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if temperature != 1.0:
         z = z / temperature  # (B, T, V)
-    h = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)  # (B, T)
-    return aggregate(h, mask, "token-mean", normalizer)
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)  # (B, T)
+
+
+@torch.no_grad()
+def head_entropy(h: torch.Tensor, lm_head, mask: torch.Tensor, temperature: float = 1.0, max_elements: int = 1 << 23):
+    """`entropy(lm_head(h), mask)` for logging, computed a chunk of positions at a time so that it never
+    holds more full-vocabulary floats than `pglm.pg.logprobs.head_logprobs` does. h (B, T, C)."""
+    B, T, _ = h.shape
+    step = max(1, max_elements // (B * lm_head.weight.shape[0]))
+    ent = torch.cat([token_entropy(lm_head(h[:, s : s + step]), temperature) for s in range(0, T, step)], dim=1)
+    return aggregate(ent, mask, "token-mean")

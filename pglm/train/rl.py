@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from pglm.errors import UserError
 from pglm.pg import advantages as adv_fns
 from pglm.pg.kl import kl_estimate
-from pglm.pg.logprobs import token_logprobs
-from pglm.pg.losses import aggregate, entropy, policy_loss, value_loss
+from pglm.pg.logprobs import head_logprobs
+from pglm.pg.losses import aggregate, head_entropy, policy_loss, value_loss
 from pglm.pg.presets import Preset
 from pglm.rewards.loader import call_reward
 from pglm.sampling import complete
@@ -101,17 +101,17 @@ class Rollout:
 
 
 def score(model, value_head, tokens, n_pad, prompt_len: int, temperature: float):
-    """(log-probs (B, N), logits (B, N, V), values (B, N) or None) of the response tokens.
+    """(log-probs (B, N), final hidden states (B, N, C), values (B, N) or None) of the response tokens.
 
-    Only the N positions that predict response tokens go through lm_head: no full-vocabulary logits
-    for the prompt. Position P − 1 + t predicts response token t; its hidden state is also the state
-    the value head reads for V_t.
+    Only the N positions that predict response tokens go through lm_head, and those in chunks
+    (`head_logprobs`): no full-vocabulary logits for the prompt, and a bounded amount for the response.
+    Position P − 1 + t predicts response token t; its hidden state is also the state the value head
+    reads for V_t.
     """
     h = model.features(tokens, n_pad)[:, prompt_len - 1 : -1]  # (B, N, C)
-    logits = model.lm_head(h)  # (B, N, V)
-    logp = token_logprobs(logits, tokens[:, prompt_len:], temperature)  # (B, N)
+    logp = head_logprobs(h, model.lm_head, tokens[:, prompt_len:], temperature)  # (B, N)
     values = value_head(h) if value_head is not None else None
-    return logp, logits, values
+    return logp, h, values
 
 
 @torch.no_grad()
@@ -283,7 +283,7 @@ def train_rl(
                     m = loss_mask[idx]
                     if not m.any():
                         continue  # nothing to learn from (all masked): Adam must not move on zero gradients
-                    logp, logits, values = score(model, value_head, ro.tokens[idx], ro.n_pad[idx], ro.prompt_len,
+                    logp, h, values = score(model, value_head, ro.tokens[idx], ro.n_pad[idx], ro.prompt_len,
                                                  cfg.temperature)
                     loss, stats = policy_loss(logp, ro.old_logp[idx], advantages[idx], m,
                                               clip_low=preset.clip_low, clip_high=preset.clip_high,
@@ -300,7 +300,7 @@ def train_rl(
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     optimizer.step()
                     with torch.no_grad():
-                        stats.update(loss=loss.detach(), grad_norm=grad_norm, entropy=entropy(logits, m, cfg.temperature))
+                        stats.update(loss=loss.detach(), grad_norm=grad_norm, entropy=head_entropy(h, model.lm_head, m, cfg.temperature))
                     for k, v in stats.items():
                         stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
                     n_updates += 1
@@ -345,10 +345,18 @@ def make_rl_optimizer(model, value_head, lr: float, cfg: RLConfig) -> torch.opti
     """Adam without weight decay (decay would pull a trained model back toward 0 for no reason), ε 1e-5."""
     params, seen = [], set()
     for q in list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else []):
-        if id(q) not in seen:
+        if q.requires_grad and id(q) not in seen:  # with LoRA only the adapter trains
             seen.add(id(q))
             params.append(q)
     return torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps)
+
+
+def reference_model(model):
+    """The frozen initial policy the KL is measured against: with LoRA, the same model with its adapter
+    switched off (no second copy in memory); otherwise a copy of the weights as they are now."""
+    if getattr(model, "is_lora", False):
+        return model.reference()
+    return frozen_copy(model)
 
 
 def frozen_copy(model):
