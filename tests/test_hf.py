@@ -210,3 +210,26 @@ def test_export_of_hf_runs_full_lora_and_merged(hf_dirs, tmp_path, capsys):
     capsys.readouterr()
     err = error_line(capsys, ["export", "--ckpt", str(tmp_path / "full"), "--out", str(tmp_path / "x"), "--merge-lora"])
     assert "no LoRA adapter" in err
+
+
+def test_chat_renders_the_conversation_through_the_chat_template(hf_dirs, monkeypatch, capsys):
+    import pglm.cli.apply as apply
+
+    lines, prompts_seen = iter(["1+1?", "and 2+2?"]), []
+
+    def fake_input(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    real_sample = apply._sample
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(apply, "_sample", lambda run, prompts, args, g: prompts_seen.append(prompts[0]) or
+                        real_sample(run, prompts, args, g))
+    assert main(["chat", "--ckpt", f"hf:{hf_dirs['qwen2']}", "--max-new-tokens", "3", "--greedy"]) == 0
+    assert "chat template" in capsys.readouterr().out.splitlines()[0]
+    assert prompts_seen[0] == "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
+    # the second turn carries the first, with the model's reply as the assistant's message
+    assert prompts_seen[1].startswith(prompts_seen[0]) and prompts_seen[1].endswith(
+        "<|im_start|>user\nand 2+2?<|im_end|>\n<|im_start|>assistant\n")

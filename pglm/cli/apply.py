@@ -145,7 +145,12 @@ def cmd_chat(args):
 
     check_sampling_args(args)
     run = load_run(args.ckpt, resolve_device(args.device))
-    print(f"pglm chat with {run.ckpt_dir}: type text and the model continues it; an empty line or Ctrl-D quits.")
+    # A model whose tokenizer has a chat template gets a conversation, rendered by that template each turn;
+    # any other model continues the text typed.
+    chat = bool(run.tokenizer.chat_template)
+    how = "a conversation through its chat template" if chat else "type text and the model continues it"
+    print(f"pglm chat with {run.ckpt_dir}: {how}; an empty line or Ctrl-D quits.")
+    messages = []
     while True:
         try:
             line = input("> ")
@@ -154,7 +159,10 @@ def cmd_chat(args):
             break
         if not line.strip():
             break
-        print(_sample(run, [line], args, 1)[0].strip("\n"))
+        messages.append({"role": "user", "content": line})
+        reply = _sample(run, [run.tokenizer.render_chat(messages) if chat else line], args, 1)[0]
+        messages.append({"role": "assistant", "content": reply})
+        print(reply.strip("\n"))
         args.seed += 1  # a new draw each turn
 
 
