@@ -88,7 +88,10 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
         seen.add(id(p))
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # The fused kernel updates every tensor in one call: the per-parameter loop of the default AdamW was
+    # ~2.6 ms of a ~45 ms step for the 4×128 model on a 2-core CPU, fused ~0.8 ms (docs/benchmarks.md).
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def step_rng(seed: int, step: int, micro: int = 0) -> np.random.Generator:
@@ -114,6 +117,30 @@ def stop_on_ctrl_c():
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def mle_step(model, optimizer, micro: list[Batch], grad_clip: float, autocast=contextlib.nullcontext):
+    """One optimizer step over the micro-batches `micro`: forward, loss, backward, clip, step.
+
+    Returns (loss, grad_norm) as 0-d tensors, unsynced, so a loop that logs every k steps does not
+    wait for the device at every step. The benchmarks (benchmarks/mle_vs_hf.py) time this function.
+    """
+    # One optimizer step may be several micro-batches. The loss is normalised by the token count of
+    # the whole step, so accumulation gives the gradient of the whole batch.
+    n_tokens = sum(b.mask.sum() for b in micro).clamp(min=1)  # a tensor: no host sync
+    losses = []
+    for b in micro:
+        with autocast():
+            h = model.features(b.x)  # (B, T, C)
+            logp = head_logprobs(h, model.lm_head, b.y)  # (B, T), chunked for large vocabularies
+        loss = masked_mean_nll(logp, b.mask, n_tokens)
+        loss.backward()
+        losses.append(loss.detach())
+    clip = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses).sum(), grad_norm
 
 
 def train_mle(
@@ -156,30 +183,18 @@ def train_mle(
                 group["lr"] = lr
             torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout noise of this step, reproducible on resume
 
-            # One optimizer step may be several micro-batches. The loss is normalised by the token
-            # count of the whole step, so accumulation gives the gradient of the whole batch.
             micro = [get_batch(step_rng(cfg.seed, step, i)).to(device) for i in range(cfg.grad_accum)]
-            n_tokens = sum(int(b.mask.sum()) for b in micro)
-            loss_sum = 0.0
-            for b in micro:
-                with autocast():
-                    h = model.features(b.x)  # (B, T, C)
-                    logp = head_logprobs(h, model.lm_head, b.y)  # (B, T), chunked for large vocabularies
-                loss = masked_mean_nll(logp, b.mask, max(n_tokens, 1))
-                loss.backward()
-                loss_sum += loss.item()
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm = mle_step(model, optimizer, micro, cfg.grad_clip, autocast)
             step += 1
             tokens_since_log += sum(b.x.numel() for b in micro)
 
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 tok_s = tokens_since_log / max(now - t_log, 1e-9)
-                metrics.log(step, "mle", loss=loss_sum, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tok_s:,.0f}")
+                # The only host syncs of the loop: between log lines loss and grad_norm stay tensors.
+                loss, grad_norm = loss.item(), grad_norm.item()
+                metrics.log(step, "mle", loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 t_log, tokens_since_log = now, 0
             bar.update(1)
 
