@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pglm.errors import UserError
-from pglm.pg.logprobs import token_logprobs
+from pglm.pg.losses import token_entropy
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Generation:
     response_mask: torch.Tensor  # (B, N) bool: response tokens up to and including eos
     logprobs: torch.Tensor  # (B, N) log softmax(logits/τ) of each sampled token; 0 where masked
     finished: torch.Tensor  # (B,) bool: the response ended with eos or a stop string (else truncated)
+    entropy: torch.Tensor | None = None  # (B, N) entropy of each sampled position's distribution, if asked
 
     @property
     def response(self) -> torch.Tensor:  # (B, N)
@@ -76,18 +77,32 @@ def sample_next(
     """(token (B,), its log-prob under softmax(logits/τ) (B,)) from next-token logits (B, V)."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    tau = temperature if temperature > 0 else 1.0  # greedy at τ = 0: report the log-prob at τ = 1
+    # One log-softmax serves both the draw and the recorded log-prob (the values `token_logprobs` gives).
+    logp_all = torch.log_softmax(logits / tau if tau != 1.0 else logits, dim=-1)  # (B, V); no divide at τ = 1
     if greedy:
         token = logits.argmax(-1)
+    elif top_k is None and top_p is None:
+        token = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
     else:
-        probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+        # Draw from the truncated distribution; the recorded log-prob stays the untruncated one (module docstring).
+        probs = filter_logits(logp_all, top_k, top_p).softmax(-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    tau = temperature if temperature > 0 else 1.0  # greedy at τ = 0: report the log-prob at τ = 1
-    logp = token_logprobs(logits[:, None, :], token[:, None], tau)[:, 0]
+    logp = logp_all.gather(-1, token[:, None])[:, 0]
     return token, logp
 
 
-@torch.no_grad()
-def generate(
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, grad: bool = False, **kwargs) -> Generation:
+    """Sample up to `max_new_tokens` for each prompt (each repeated `group_size` times); kwargs below.
+
+    `grad=True` keeps the autograd graph of the recorded log-probs, so a policy-gradient loss can
+    differentiate them without scoring the batch again (pglm.train.rl.fuses_scoring).
+    """
+    with torch.set_grad_enabled(grad):
+        return _generate(model, prompts, max_new_tokens, **kwargs)
+
+
+def _generate(
     model,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -102,10 +117,9 @@ def generate(
     generator: torch.Generator | None = None,
     stop: Callable[[list[int]], bool] | None = None,
     use_cache: bool = True,
+    with_entropy: bool = False,
 ) -> Generation:
-    """Sample up to `max_new_tokens` for each prompt (each repeated `group_size` times).
-
-    `stop(ids)` may end a row early (stop strings); `use_cache=False` recomputes the whole sequence
+    """`stop(ids)` may end a row early (stop strings); `use_cache=False` recomputes the whole sequence
     at every step: slower, and kept as the reference the cached path is tested against.
     """
     if temperature <= 0 and not greedy:
@@ -130,6 +144,7 @@ def generate(
     logprobs = torch.zeros(B, N, device=device, dtype=torch.promote_types(next(model.parameters()).dtype, torch.float32))
     response_mask = torch.zeros(B, N, dtype=torch.bool, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    entropy = torch.zeros_like(logprobs) if with_entropy else None
 
     if use_cache:
         cache = model.new_cache(B0, P + N, n_pad=n_pad[::group_size], device=device)
@@ -141,22 +156,29 @@ def generate(
         if not use_cache:
             logits = model(tokens[:, : P + t], n_pad=n_pad)[:, -1]  # (B, V)
         token, logp = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+        if entropy is not None:
+            with torch.no_grad():
+                entropy[:, t] = token_entropy(logits, temperature if temperature > 0 else 1.0).masked_fill(finished, 0.0)
         alive = ~finished
-        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        token = token.masked_fill(finished, pad_id)  # rows that have ended get pad
         tokens[:, P + t] = token
-        logprobs[:, t] = torch.where(alive, logp, torch.zeros_like(logp))
+        # `alive`, not `finished`: autograd saves the mask, and `finished` is updated in place below
+        logprobs[:, t] = torch.where(alive, logp, 0.0)
         response_mask[:, t] = alive  # eos is inside the mask (estimators.md §2.5)
-        finished |= alive & (token == eos_id)
+        finished |= token == eos_id  # an ended row's pad changes nothing: it has ended already
         if stop is not None:
             for i in alive.nonzero().flatten().tolist():
                 if not finished[i] and stop(tokens[i, P : P + t + 1].tolist()):
                     finished[i] = True
+        # One host sync per token; on CPU it costs microseconds (measured, docs/benchmarks.md), and it
+        # ends the loop as soon as every row has ended.
         if bool(finished.all()):
             tokens, logprobs, response_mask = tokens[:, : P + t + 1], logprobs[:, : t + 1], response_mask[:, : t + 1]
+            entropy = None if entropy is None else entropy[:, : t + 1]
             break
         if use_cache:
             logits = model.forward_cached(token[:, None], cache)[:, -1]  # (B, V)
-    return Generation(tokens, n_pad, P, response_mask, logprobs, finished)
+    return Generation(tokens, n_pad, P, response_mask, logprobs, finished, entropy)
 
 
 def completion_text(tokenizer, ids: list[int]) -> str:

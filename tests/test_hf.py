@@ -233,3 +233,28 @@ def test_chat_renders_the_conversation_through_the_chat_template(hf_dirs, monkey
     # the second turn carries the first, with the model's reply as the assistant's message
     assert prompts_seen[1].startswith(prompts_seen[0]) and prompts_seen[1].endswith(
         "<|im_start|>user\nand 2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_pglms_own_gpt2_forward_equals_transformers(hf_dirs, monkeypatch):
+    from pglm.models.hf import HFCausalLM
+
+    model = load_run(f"hf:{hf_dirs['gpt2']}").model
+    assert model._fast  # GPT-2 in eval mode takes pglm's forward (hf_fast.py)
+    tok = load_run(f"hf:{hf_dirs['gpt2']}").tokenizer
+    prompts = [tok.prompt_ids(p) for p in ["1+2=", "hello world, the model", "a"]]
+
+    def both(fn):
+        fast = fn()
+        with monkeypatch.context() as m:
+            m.setattr(HFCausalLM, "_fast", property(lambda self: False))
+            slow = fn()
+        return fast, slow
+
+    tokens = torch.randint(0, 300, (3, 12))
+    n_pad = torch.tensor([0, 5, 11])
+    fast, slow = both(lambda: model(tokens, n_pad))
+    real = torch.arange(12)[None, :] >= n_pad[:, None]  # pad positions' outputs are never used
+    assert torch.allclose(fast[real], slow[real], atol=1e-5)
+    fast, slow = both(lambda: generate(model, prompts, 8, eos_id=tok.eos_id, pad_id=tok.pad_id, group_size=3,
+                                       generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(fast.tokens, slow.tokens) and torch.allclose(fast.logprobs, slow.logprobs, atol=1e-5)

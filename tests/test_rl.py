@@ -128,7 +128,7 @@ def test_prompt_file_without_a_prompt_field(init, tmp_path, capsys):
     prompts.write_text('{"prompt": "1+1="}\n{"question": "2+2="}\n')
     line = error_line(capsys, ["rl", "--init", str(init / "gpt"), "--prompts", str(prompts), "--reward",
                                "builtin:exact_match", "--max-new-tokens", "2", "--out", str(tmp_path / "o")])
-    assert "p.jsonl:2: no string field 'prompt'" in line
+    assert "p.jsonl:2: no string 'prompt'" in line
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -152,3 +152,43 @@ def test_a_failing_reward_stops_with_one_line_and_keeps_the_checkpoints(init, tm
     assert line.startswith("pglm rl: error: reward ") and f"{reward}:bad" in line and expected in line, line
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"  # the reward failed in step 3
     assert load_run(out).ckpt_dir.name == "step_2"
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "gspo"])
+def test_a_fused_rollout_updates_the_model_exactly_as_a_separate_scoring_pass(init, tmp_path, monkeypatch, arch, algo):
+    """With one update per rollout the loss may differentiate the sampler's own log-probs (fuses_scoring);
+    the step must then move the weights exactly as scoring the batch again would, KL term included."""
+    import torch
+
+    from pglm.pg.presets import get_preset
+    from pglm.tasks import get_task
+    from pglm.train.metrics import MetricsLog
+    from pglm.train.rl import RLConfig, make_rl_optimizer, reference_model, task_rows, train_rl
+
+    task = get_task("add2")
+
+    def one_step(fused: bool, out):
+        out.mkdir()
+        monkeypatch.setattr(pglm.train.rl, "fuses_scoring", lambda *a: fused)
+        run = load_run(init / arch)
+        model = run.model.double()
+        cfg = RLConfig(algo=algo, steps=2, prompts_per_step=4, group_size=4, warmup_steps=1, beta=0.1,
+                       eval_every=100, ckpt_every=100)
+        opt = make_rl_optimizer(model, None, 1e-2, cfg)
+        def reward(prompts, completions, **kw):  # varied, so that advantages are not all 0
+            return [float(sum(map(ord, c)) % 7) for c in completions]
+
+        train_rl(model, run.tokenizer, get_preset(algo), cfg, task_rows(task, 0, 4), reward, None, 4, out, opt,
+                 ref_model=reference_model(model), progress=False, metrics=MetricsLog(out))
+        return [p.detach().clone() for p in model.parameters()], (out / "metrics.jsonl").read_text().splitlines()
+
+    fused, rows_f = one_step(True, tmp_path / "f")
+    scored, rows_s = one_step(False, tmp_path / "s")
+    moved = max((a - b).abs().max() for a, b in zip(fused, [p.double() for p in load_run(init / arch).model.parameters()]))
+    assert moved > 1e-5  # the steps did something
+    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(fused, scored))
+    for f, s in zip(rows_f, rows_s):  # the same entropy and losses, logged the same way
+        f, s = json.loads(f), json.loads(s)
+        for k in ("loss", "entropy", "kl", "grad_norm"):
+            assert f[k] == pytest.approx(s[k], rel=1e-6, abs=1e-9), k

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 
 from pglm.errors import UserError
+from pglm.models import hf_fast
+from pglm.models.gpt import KVCache
 
 
 @dataclass
@@ -153,6 +155,13 @@ class HFCausalLM(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.inner.get_output_embeddings()
 
+    @property
+    def _fast(self) -> bool:
+        """Whether pglm's own GPT-2 forward (hf_fast.py) computes exactly what transformers would."""
+        c = self.inner.config
+        no_dropout = not self.training or all(getattr(c, k, 0.0) == 0.0 for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
+        return not self.is_lora and no_dropout and hf_fast.supports(self.inner)
+
     def _body(self):
         inner = self.inner
         return getattr(inner, inner.base_model_prefix)  # GPT2Model, LlamaModel, Qwen2Model, ...
@@ -176,6 +185,8 @@ class HFCausalLM(nn.Module):
     def features(self, tokens: torch.Tensor, n_pad: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> final hidden states (B, T, C), after the last norm: what lm_head reads."""
         self._check_context(tokens.shape[1], n_pad)
+        if self._fast:
+            return hf_fast.gpt2_hidden(self.inner, tokens, n_pad)
         out = self._body()(input_ids=tokens, use_cache=False, **self._inputs(0, tokens.shape[1], n_pad, tokens.device))
         return out.last_hidden_state
 
@@ -183,19 +194,26 @@ class HFCausalLM(nn.Module):
         """tokens (B, T) -> logits (B, T, V); position t predicts token t+1."""
         return self.lm_head(self.features(tokens, n_pad))
 
-    def new_cache(self, batch_size: int, max_len: int, n_pad=None, device=None, dtype=None) -> HFCache:
+    def new_cache(self, batch_size: int, max_len: int, n_pad=None, device=None, dtype=None) -> HFCache | KVCache:
         transformers = _transformers()
-        device = device or next(self.parameters()).device
+        weight = next(self.parameters())
+        device, dtype = device or weight.device, dtype or weight.dtype
         n_pad = torch.zeros(batch_size, dtype=torch.long, device=device) if n_pad is None else \
             torch.as_tensor(n_pad, dtype=torch.long, device=device)
         self._check_context(max_len, n_pad)
+        if self._fast:
+            return hf_fast.new_gpt2_cache(self.inner, batch_size, max_len, n_pad, device, dtype)
         return HFCache(transformers.DynamicCache(config=self.inner.config), n_pad, max_len)
 
-    def forward_cached(self, tokens: torch.Tensor, cache: HFCache) -> torch.Tensor:
+    def forward_cached(self, tokens: torch.Tensor, cache: HFCache | KVCache) -> torch.Tensor:
         """tokens (B, T_new) -> logits (B, T_new, V), appending their keys and values to `cache`."""
         T = tokens.shape[1]
         if cache.filled + T > cache.max_len:
             raise ValueError(f"cache of {cache.max_len} slots is full ({cache.filled} filled, {T} more asked)")
+        if isinstance(cache, KVCache):  # made by new_cache for the fast GPT-2 path
+            h = hf_fast.gpt2_hidden(self.inner, tokens, cache.n_pad, cache.filled, cache)
+            cache.filled += T
+            return self.lm_head(h)
         inputs = self._inputs(cache.filled, T, cache.n_pad, tokens.device)
         out = self.inner(input_ids=tokens, use_cache=True, **{self._cache_kw: cache.kv}, **inputs)
         cache.filled += T

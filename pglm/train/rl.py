@@ -11,6 +11,8 @@ Decisions (docs/rl.md):
 - The model is in eval mode throughout (no dropout): dropout would make the on-policy ratio differ
   from 1 and the KL noisy (estimators.md §2.8).
 - old log-probs are the sampler's own, which equal a rescoring of the same weights (tests/test_sampling.py).
+- With one update per rollout (and no value head, and a small enough vocabulary) the rollout keeps its
+  graph and the loss differentiates the sampler's log-probs: no second forward pass (`fuses_scoring`).
 - Each minibatch is one optimizer step, so its own token count is the whole-step normaliser.
 - The reward of a response cut at max_new_tokens (no eos) is kept, masked out of the loss, or
   lowered by `truncation_penalty`, per preset or flag.
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 from pglm.errors import UserError
 from pglm.pg import advantages as adv_fns
 from pglm.pg.kl import kl_estimate
-from pglm.pg.logprobs import head_logprobs
+from pglm.pg.logprobs import CHUNK_ELEMENTS, head_logprobs
 from pglm.pg.losses import aggregate, head_entropy, policy_loss, value_loss
 from pglm.pg.presets import Preset
 from pglm.rewards.loader import call_reward
@@ -93,11 +95,27 @@ class Rollout:
     n_pad: torch.Tensor  # (B,)
     prompt_len: int  # P
     mask: torch.Tensor  # (B, N) bool: response tokens up to and including eos
-    old_logp: torch.Tensor  # (B, N) the sampler's log-probs at temperature τ
+    old_logp: torch.Tensor  # (B, N) the sampler's log-probs at temperature τ (detached)
     rewards: torch.Tensor  # (B,) the reward functions' values
     finished: torch.Tensor  # (B,) bool: ended with eos (else truncated)
     prompts: list[str]  # (B) each prompt G times
     completions: list[str]  # (B)
+    logp: torch.Tensor | None = None  # (B, N) the same log-probs with their graph (fused rollouts only)
+    entropy: torch.Tensor | None = None  # (B, N) entropy of each sampled position's distribution (fused only)
+
+
+def fuses_scoring(preset: Preset, cfg: RLConfig, value_head, batch_size: int, max_new_tokens: int, vocab: int) -> bool:
+    """Whether the rollout may keep its graph, so its log-probs are the ones the loss differentiates.
+
+    With one update per rollout (one epoch, one minibatch) the policy that is updated is the one that
+    sampled, so re-scoring the batch would recompute exactly the sampler's log-probs (tests check the two
+    agree): the gradient can flow through sampling instead, and the separate scoring forward goes. The
+    minimal loop of shared/reference/trl_add2.md does the same (its log-probs and gradients matched a
+    scoring pass to 3e-6). Not with a value head (PPO needs the hidden states of a scoring pass) nor where
+    the kept graph would hold more full-vocabulary logits than `head_logprobs` allows (large vocabularies).
+    """
+    return (cfg.epochs == 1 and cfg.minibatches == 1 and value_head is None
+            and batch_size * max_new_tokens * vocab <= CHUNK_ELEMENTS)
 
 
 def score(model, value_head, tokens, n_pad, prompt_len: int, temperature: float):
@@ -114,13 +132,14 @@ def score(model, value_head, tokens, n_pad, prompt_len: int, temperature: float)
     return logp, h, values
 
 
-@torch.no_grad()
 def collect_rollout(model, tokenizer, rows: list[dict], reward_fn, cfg: RLConfig, max_new_tokens: int,
-                    generator: torch.Generator) -> Rollout:
+                    generator: torch.Generator, fused: bool = False) -> Rollout:
+    """Sample G responses per prompt and score them with the reward; `fused` keeps the graph of the
+    sampled log-probs (see `fuses_scoring`)."""
     G = cfg.group_size
     prompts = [r["prompt"] for r in rows]
     g, completions = complete(model, tokenizer, prompts, max_new_tokens, temperature=cfg.temperature,
-                              group_size=G, generator=generator)
+                              group_size=G, generator=generator, grad=fused, with_entropy=fused)
     prompts_rep = [p for p in prompts for _ in range(G)]
     keys = dict.fromkeys(k for r in rows for k in r if k != "prompt")  # every field any row has, in order
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}
@@ -128,8 +147,9 @@ def collect_rollout(model, tokenizer, rows: list[dict], reward_fn, cfg: RLConfig
     columns["completion_lengths"] = (g.response_mask.sum(1) - g.finished.long()).tolist()
     rewards = call_reward(reward_fn, prompts_rep, completions, columns)
     device = g.tokens.device
-    return Rollout(g.tokens, g.n_pad, g.prompt_len, g.response_mask, g.logprobs,
-                   torch.tensor(rewards, dtype=torch.float32, device=device), g.finished, prompts_rep, completions)
+    return Rollout(g.tokens, g.n_pad, g.prompt_len, g.response_mask, g.logprobs.detach(),
+                   torch.tensor(rewards, dtype=torch.float32, device=device), g.finished, prompts_rep, completions,
+                   logp=g.logprobs if fused else None, entropy=g.entropy)
 
 
 def compute_advantages(p: Preset, rewards, G: int, baseline: adv_fns.MovingBaseline | None):
@@ -207,6 +227,7 @@ def train_rl(
     group_relative = preset.advantage in ("rloo", "grpo", "dr_grpo") and G > 1
     truncation = cfg.truncation or preset.truncation
     lr = cfg.lr if cfg.lr is not None else preset.lr
+    fused = fuses_scoring(preset, cfg, value_head, cfg.prompts_per_step * G, N, model.lm_head.weight.shape[0])
     model.eval()  # no dropout anywhere in RL (module docstring)
     params = list(optimizer.param_groups[0]["params"])  # what the gradient-norm clip covers
     last_eval: dict = {}
@@ -235,7 +256,7 @@ def train_rl(
             t0 = time.perf_counter()
             # 1. Rollout: G samples per prompt, with the sampler's log-probs.
             gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-            ro = collect_rollout(model, tokenizer, draw_rows(step), reward_fn, cfg, N, gen)
+            ro = collect_rollout(model, tokenizer, draw_rows(step), reward_fn, cfg, N, gen, fused)
             B = ro.tokens.size(0)
             rewards = ro.rewards.clone()  # (B,)
             truncated = ~ro.finished
@@ -283,8 +304,11 @@ def train_rl(
                     m = loss_mask[idx]
                     if not m.any():
                         continue  # nothing to learn from (all masked): Adam must not move on zero gradients
-                    logp, h, values = score(model, value_head, ro.tokens[idx], ro.n_pad[idx], ro.prompt_len,
-                                                 cfg.temperature)
+                    if fused:  # the sampler's own log-probs, graph and all (one update: idx is every row)
+                        logp, h, values = ro.logp, None, None
+                    else:
+                        logp, h, values = score(model, value_head, ro.tokens[idx], ro.n_pad[idx], ro.prompt_len,
+                                                cfg.temperature)
                     loss, stats = policy_loss(logp, ro.old_logp[idx], advantages[idx], m,
                                               clip_low=preset.clip_low, clip_high=preset.clip_high,
                                               level=preset.level, agg=preset.agg, l_max=N)
@@ -295,12 +319,14 @@ def train_rl(
                         vl, vstats = value_loss(values, old_values[idx], returns[idx], m, clip=cfg.vf_clip)
                         loss = loss + cfg.vf_coef * vl
                         stats.update(vstats, value_loss=vl.detach())
+                    # entropy of the policy being updated (before the step changes lm_head)
+                    stats["entropy"] = aggregate(ro.entropy, m, "token-mean") if h is None else \
+                        head_entropy(h.detach(), model.lm_head, m, cfg.temperature)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     optimizer.step()
-                    with torch.no_grad():
-                        stats.update(loss=loss.detach(), grad_norm=grad_norm, entropy=head_entropy(h, model.lm_head, m, cfg.temperature))
+                    stats.update(loss=loss.detach(), grad_norm=grad_norm)
                     for k, v in stats.items():
                         stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
                     n_updates += 1

@@ -1,0 +1,205 @@
+"""GRPO on add2, pglm against TRL's GRPOTrainer, from the very same Hugging Face checkpoint.
+
+    python benchmarks/rl_vs_trl.py [--steps 30] [--repeats 2] [--best-steps 200] [--work runs/bench-rl]
+
+1. A GPT-2-configured model (4 layers, 4 heads, width 128, 64 positions, dropout 0, tied embeddings)
+   is trained once by maximum likelihood on add2's training pairs (plain PyTorch loop: AdamW 1e-3,
+   batch 64, constant rate, fp32) until its greedy accuracy on the 500 held-out problems is 20–60 %,
+   and saved in Hugging Face format with its tokenizer (<pad>=0 <bos>=1 <eos>=2, digits 3..12, + 13,
+   = 14; <bos> before every prompt), as in shared/reference/trl_add2.md. Reused from --work if there.
+2. Interleaved (TRL, pglm, TRL, pglm, ...), `--repeats` times, each a fresh run of `--steps` steps from
+   that checkpoint with matched settings: 8 prompts × 8 completions, at most 4 new tokens,
+   temperature 1, fp32, constant learning rate `--lr`, no KL (β = 0), one update per batch. Reported:
+   median seconds per step (the first two steps of each run left out as warm-up), completions per
+   second, greedy accuracy on the held-out problems after the run, and the ratios. TRL runs with its
+   default loss (`dapo`, group-scaled rewards); pglm with `--algo grpo`; the loss changes no timing.
+3. pglm's best preset and learning rate for the task (`--best-algo`, `--best-lr`), `--best-steps`
+   steps × 64 completions from the same checkpoint: greedy accuracy (TRL's best: 0.73 after 200).
+
+Greedy accuracy of both is measured by the same code (pglm.evaluate.evaluate_task, exact match of the
+answer, batched greedy decoding with per-row positions) on the same 500 problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment_line, matmul_gflops  # noqa: E402
+
+from pglm.cli import main as pglm_main  # noqa: E402
+from pglm.evaluate import evaluate_task  # noqa: E402
+from pglm.models.hf import HFCausalLM, load_hf  # noqa: E402
+from pglm.tasks import get_task  # noqa: E402
+
+TASK = get_task("add2")
+
+
+def accuracy(hf_model, tokenizer) -> float:
+    """Greedy accuracy on the 500 held-out problems, through pglm's evaluator."""
+    from dataclasses import replace
+
+    from pglm.models.hf import HFConfig, _summary
+
+    model = HFCausalLM(hf_model, replace(HFConfig(), **_summary(hf_model.config, None)))
+    was_training = hf_model.training
+    hf_model.eval()
+    acc = evaluate_task(model, tokenizer, TASK, samples=0)["accuracy"]
+    hf_model.train(was_training)
+    return acc
+
+
+# ---- 1. the shared checkpoint ----
+
+
+def make_checkpoint(work: Path, lo: float = 0.2, hi: float = 0.6) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pglm.data import sft_batch, sft_example
+    from pglm.export import hf_tokenizer
+
+    ckpt = work / "ckpt"
+    if (ckpt / "config.json").is_file():
+        return ckpt
+    tok = TASK.tokenizer()  # pglm's add2 alphabet: exactly the ids above
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=128, n_layer=4, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.bos_id,
+                        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, tie_word_embeddings=True)
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rng = random.Random(0)
+    t0 = time.perf_counter()
+    for step in range(1, 2001):
+        rows = TASK.train_prompts(rng, 64)
+        b = sft_batch([sft_example(tok, r["prompt"], TASK.solution(r), 64) for r in rows], tok.pad_id)
+        logits = model(b.x).logits  # right-padded rows: positions arange(T) are right
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.y.flatten(), reduction="none")
+        full = b.x != tok.pad_id  # loss on every non-pad token of <bos> a+b=c <eos>, as the reference
+        loss = (loss * full.flatten()).sum() / full.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step >= 400 and step % 10 == 0:
+            acc = accuracy(model, tok)
+            print(f"  MLE step {step}: loss {loss.item():.3f}, greedy accuracy {acc:.3f}", flush=True)
+            if lo <= acc <= hi:
+                break
+            if acc > hi:
+                raise SystemExit(f"accuracy jumped past {hi} at step {step}; rerun with another seed or range")
+    model.save_pretrained(ckpt)
+    hf_tokenizer(tok, 64).save_pretrained(ckpt)
+    (ckpt / "mle.json").write_text(json.dumps({"steps": step, "accuracy": acc, "seconds": time.perf_counter() - t0}))
+    return ckpt
+
+
+# ---- 2. one run of each ----
+
+
+def run_trl(ckpt: Path, steps: int, lr: float, out: Path, seed: int) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    rows = TASK.train_prompts(random.Random(seed), 8 * steps)  # as many prompts as the run uses
+    dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+
+    def reward(prompts, completions, answer, **kw):
+        return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+    stamps = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    config = GRPOConfig(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=64, num_generations=8,
+        max_completion_length=4, temperature=1.0, beta=0.0, learning_rate=lr, lr_scheduler_type="constant",
+        warmup_steps=0, bf16=False, gradient_checkpointing=False, use_cpu=True, num_iterations=1,
+        logging_steps=10**6, save_strategy="no", report_to="none", disable_dropout=True, seed=seed,
+    )
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
+                              processing_class=tok, callbacks=[Clock()])
+        t0 = time.perf_counter()
+        trainer.train()
+    step_times = [b - a for a, b in zip([t0, *stamps[:-1]], stamps)]
+    return {"step_s": statistics.median(step_times[2:]), "accuracy": accuracy(trainer.model, TASK.tokenizer())}
+
+
+def run_pglm(ckpt: Path, steps: int, lr: float, out: Path, seed: int, algo: str = "grpo", warmup: int = 1) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["rl", "--init", f"hf:{ckpt}", "--task", "add2", "--algo", algo, "--steps", str(steps),
+            "--prompts-per-step", "8", "--group-size", "8", "--max-new-tokens", "4", "--temperature", "1",
+            "--lr", str(lr), "--warmup-steps", str(warmup), "--beta", "0", "--eval-every", str(steps),
+            "--eval-samples", "0", "--ckpt-every", str(steps), "--seed", str(seed), "--out", str(out), "--quiet"]
+    if pglm_main(argv) != 0:
+        raise SystemExit("pglm rl failed: " + " ".join(argv))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in rows if r["phase"] == "rl"]
+    step_times = [b["time"] - a["time"] for a, b in zip(rl, rl[1:])]  # from one logged step to the next
+    acc = [r for r in rows if r["phase"] == "eval"][-1]["accuracy"]
+    return {"step_s": statistics.median(step_times[2:]), "accuracy": acc}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30, help="steps per timed run (default 30)")
+    p.add_argument("--repeats", type=int, default=2, help="TRL/pglm pairs of runs (default 2)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the timed runs (TRL's best: 1e-4)")
+    p.add_argument("--best-algo", default="grpo", help="pglm preset for the accuracy run (default grpo)")
+    p.add_argument("--best-lr", type=float, default=2e-4, help="its learning rate (default 2e-4)")
+    p.add_argument("--best-warmup", type=int, default=20, help="its warm-up steps (default 20)")
+    p.add_argument("--best-steps", type=int, default=200, help="steps of the accuracy run (0 = skip; default 200)")
+    p.add_argument("--work", default="runs/bench-rl", help="where the checkpoint and runs go")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print(environment_line())
+    print(f"fp32 matmul: {matmul_gflops():.0f} GFLOP/s")
+    ckpt = make_checkpoint(work)
+    mle = json.loads((ckpt / "mle.json").read_text())
+    start = accuracy(load_hf(f"hf:{ckpt}").inner, TASK.tokenizer())
+    print(f"checkpoint {ckpt}: GPT-2 4×128, {mle['steps']} MLE steps, greedy accuracy {start:.3f}")
+
+    results: dict[str, list[dict]] = {"trl": [], "pglm": []}
+    for r in range(args.repeats):
+        for name, fn in (("trl", run_trl), ("pglm", run_pglm)):
+            res = fn(ckpt, args.steps, args.lr, work / f"{name}-{r}", seed=r)
+            results[name].append(res)
+            print(f"  run {r} {name:4s}: {res['step_s'] * 1000:6.1f} ms/step, accuracy after {args.steps} steps "
+                  f"{res['accuracy']:.3f}", flush=True)
+    med = {k: statistics.median(x["step_s"] for x in v) for k, v in results.items()}
+    acc = {k: statistics.mean(x["accuracy"] for x in v) for k, v in results.items()}
+    print(f"\nGRPO step, 64 completions (median over {args.repeats} runs of {args.steps} steps each):")
+    for k in ("trl", "pglm"):
+        print(f"  {k:4s} {med[k] * 1000:6.1f} ms/step  {64 / med[k]:7.0f} completions/s  "
+              f"greedy accuracy after {args.steps} steps {acc[k]:.3f} (from {start:.3f})")
+    ratio = med["trl"] / med["pglm"]
+    print(f"pglm is {ratio:.2f}× faster per step than TRL GRPOTrainer (target ≥ 3×: {'met' if ratio >= 3 else 'MISSED'})")
+
+    if args.best_steps:
+        t0 = time.perf_counter()
+        res = run_pglm(ckpt, args.best_steps, args.best_lr, work / "pglm-best", seed=0, algo=args.best_algo,
+                       warmup=args.best_warmup)
+        print(f"\npglm {args.best_algo} lr {args.best_lr:g} (warm-up {args.best_warmup}), {args.best_steps} steps × 64 "
+              f"completions: greedy accuracy {res['accuracy']:.3f} (from {start:.3f}; TRL's best 0.73; target ≥ 0.90: "
+              f"{'met' if res['accuracy'] >= 0.9 else 'MISSED'}) in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
