@@ -176,7 +176,7 @@ def _generate(
             tokens, logprobs, response_mask = tokens[:, : P + t + 1], logprobs[:, : t + 1], response_mask[:, : t + 1]
             entropy = None if entropy is None else entropy[:, : t + 1]
             break
-        if use_cache:
+        if use_cache and t + 1 < N:  # the last token sampled needs no forward pass of its own
             logits = model.forward_cached(token[:, None], cache)[:, -1]  # (B, V)
     return Generation(tokens, n_pad, P, response_mask, logprobs, finished, entropy)
 

@@ -343,7 +343,7 @@ def auto_tokenizer(path: str, trust_remote_code: bool = False) -> Tokenizer:
     if not auto.is_fast or auto.eos_token_id is None:
         raise UserError(f"hf:{path}: its tokenizer has no fast (tokenizer.json) form or no end-of-text token; "
                         "save it with a recent transformers so tokenizer.json is written")
-    with_specials = auto("a").input_ids
+    with_specials = auto("").input_ids
     bos = auto.bos_token_id
     return HFTokenizer(auto.backend_tokenizer, pad_id=auto.pad_token_id if auto.pad_token_id is not None else auto.eos_token_id,
                        bos_id=bos if bos is not None else auto.eos_token_id, eos_id=auto.eos_token_id,
@@ -401,7 +401,7 @@ def _wrap_hf(file: Path, d: dict, label: str) -> HFTokenizer:
     # post-processor shows it.
     add_bos = config.get("add_bos_token")
     if add_bos is None:
-        with_specials = tok.encode("a", add_special_tokens=True).ids
+        with_specials = tok.encode("", add_special_tokens=True).ids  # "": no token of the text can fail
         add_bos = bos is not None and bool(with_specials) and with_specials[0] == bos
     template = config.get("chat_template")
     if (file.parent / "chat_template.jinja").is_file():  # where transformers >= 4.51 saves it

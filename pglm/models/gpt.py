@@ -30,12 +30,20 @@ from pglm.models.config import ModelConfig
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer for `max_len` slots; slots [0, filled) hold the sequence so far."""
+    """Keys and values of every layer; slots [0, filled) hold the sequence so far.
+
+    Inference writes into preallocated buffers, in place (gpt-fast). Under autograd (a rollout whose
+    log-probs the loss differentiates) each layer's keys and values grow by concatenation instead: the
+    backward of a slice of a preallocated buffer allocates and zero-fills the whole buffer, for every
+    layer at every step, and an in-place write would invalidate what autograd saved; the backward of a
+    concatenation is a view.
+    """
 
     k: torch.Tensor  # (n_layer, B, n_head, max_len, head_dim) rotated keys
     v: torch.Tensor  # (n_layer, B, n_head, max_len, head_dim) values
     n_pad: torch.Tensor | None  # (B,) long: pad slots at the start of each row (None: no padding)
     filled: int = 0  # slots written so far; the next token goes to slot `filled`
+    grown: list | None = None  # under autograd: per layer (k, v), each (B, n_head, filled, head_dim)
 
     @property
     def batch_size(self) -> int:
@@ -48,13 +56,47 @@ class KVCache:
     def __len__(self) -> int:
         return self.filled
 
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add k, v (B, H, T, D) at slots [filled, filled+T) of `layer`; return all its (B, H, filled+T, D)."""
+        start, T = self.filled, k.shape[2]
+        if torch.is_grad_enabled():
+            if self.grown is None:
+                self.grown = [(self.k[i, :, :, :start], self.v[i, :, :, :start]) for i in range(self.k.shape[0])]
+            k_old, v_old = self.grown[layer]
+            self.grown[layer] = (torch.cat([k_old, k], dim=2), torch.cat([v_old, v], dim=2)) if start else (k, v)
+            return self.grown[layer]
+        self.k[layer, :, :, start : start + T] = k
+        self.v[layer, :, :, start : start + T] = v
+        return self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
+
     def repeat_interleave(self, G: int) -> KVCache:
         """A new cache with each row repeated G times (rows i*G .. i*G+G-1 copy row i): one prefilled
         prompt shared by the G samples of its group."""
         n_pad = None if self.n_pad is None else self.n_pad.repeat_interleave(G)
-        return KVCache(
-            self.k.repeat_interleave(G, dim=1), self.v.repeat_interleave(G, dim=1), n_pad, self.filled
-        )
+        grown = None if self.grown is None else [(k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)) for k, v in self.grown]
+        return KVCache(self.k.repeat_interleave(G, dim=1), self.v.repeat_interleave(G, dim=1), n_pad, self.filled, grown)
+
+
+def padded_causal_mask(start: int, T: int, n_pad: torch.Tensor | None, device):
+    """(attn_mask, is_causal) for SDPA: query slots [start, start+T) over key slots [0, start+T).
+
+    Without padding: SDPA's causal fast path at the start, no mask for one new token, else (T, S).
+    With left padding n_pad (B,): (B, 1, T, S), where no query looks at a pad key. A pad query comes
+    before every real key, so it would see no key at all: softmax over an empty set is NaN, which leaks
+    into gradients (pytorch/pytorch#103749; PyTorch 2.5 made SDPA return 0 there, pytorch/pytorch#133882,
+    but pyproject allows 2.4 and not every kernel follows). Letting each query see its own slot keeps
+    pad outputs finite everywhere; real queries never look at pad keys.
+    """
+    q_slot = torch.arange(start, start + T, device=device)  # (T,)
+    k_slot = torch.arange(start + T, device=device)  # (S,)
+    if n_pad is None:
+        if start == 0:
+            return None, True
+        return (None, False) if T == 1 else (k_slot[None, :] <= q_slot[:, None], False)
+    causal = k_slot[None, None, :] <= q_slot[None, :, None]  # (1, T, S)
+    real_key = k_slot[None, None, :] >= n_pad[:, None, None]  # (B, 1, S)
+    own = k_slot[None, None, :] == q_slot[None, :, None]  # (1, T, S)
+    return ((causal & real_key) | own).unsqueeze(1), False  # (B, 1, T, S)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -79,22 +121,14 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv=None, start=0):
+    def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, H, D)
         # q and k rotated in one call: half the small elementwise ops, which bound a small model's speed on CPU
         q, k = apply_rotary(qkv[:, :, :2], cos, sin).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
         v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D)
-        if kv is not None:
-            k_cache, v_cache = kv  # (B, H, max_len, D) this layer's slots
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # (B, H, start+T, D)
-            if torch.is_grad_enabled():
-                # Autograd would save these views of the cache; the next decode step writes the cache in
-                # place, which bumps its version and makes backward fail. A copy keeps gradients through
-                # sampling possible (shared/reference/trl_add2.md, "A minimal loop"); inference skips it.
-                k, v = k.clone(), v.clone()
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, H, start+T, D): the sequence so far
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -123,8 +157,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv=None, start=0):  # (B, T, C)
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, kv, start)
+    def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):  # (B, T, C)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -179,32 +213,17 @@ class GPT(nn.Module):
         """cos, sin, attention mask and is_causal for query slots [start, start+T), key slots [0, start+T).
 
         cos and sin broadcast over q and k stacked as (B, T, 2, H, D)."""
+        mask, is_causal = padded_causal_mask(start, T, n_pad, device)
         if n_pad is None:
             # Slices of the tables, not gathers: a decode step with no padding builds nothing.
             cos = self.rope_cos[start : start + T, None, None]  # (T, 1, 1, D) view
             sin = self.rope_sin[start : start + T, None, None]  # (T, 1, 1, D) view
-            if start == 0:
-                return cos, sin, None, True  # plain causal: SDPA's fast path
-            if T == 1:
-                return cos, sin, None, False  # one new token sees every filled slot
-            q_slot = torch.arange(start, start + T, device=device)  # (T,)
-            k_slot = torch.arange(start + T, device=device)  # (S,)
-            return cos, sin, k_slot[None, :] <= q_slot[:, None], False  # (T, S)
-        q_slot = torch.arange(start, start + T, device=device)  # (T,)
+            return cos, sin, mask, is_causal
         # Per-row positions: slot - n_pad, so the first real token is position 0 in every row, exactly as
         # without padding. Pad slots get position 0 (clamped); their outputs are never used.
-        pos = (q_slot[None, :] - n_pad[:, None]).clamp(min=0)  # (B, T)
+        pos = (torch.arange(start, start + T, device=device)[None, :] - n_pad[:, None]).clamp(min=0)  # (B, T)
         cos, sin = self.rope_cos[pos, None, None], self.rope_sin[pos, None, None]  # (B, T, 1, 1, D)
-        k_slot = torch.arange(start + T, device=device)  # (S,)
-        causal = k_slot[None, None, :] <= q_slot[None, :, None]  # (1, T, S)
-        real_key = k_slot[None, None, :] >= n_pad[:, None, None]  # (B, 1, S)
-        # A pad query comes before every real key, so it would see no key at all: softmax over an empty set
-        # is NaN, which leaks into gradients (pytorch/pytorch#103749; PyTorch 2.5 made SDPA return 0 there,
-        # pytorch/pytorch#133882, but pyproject allows 2.4 and not every kernel follows). Letting each query
-        # see its own slot keeps pad outputs finite everywhere; real queries never look at pad keys.
-        own = k_slot[None, None, :] == q_slot[None, :, None]  # (1, T, S)
-        mask = (causal & real_key) | own  # (B, T, S)
-        return cos, sin, mask.unsqueeze(1), False  # mask (B, 1, T, S)
+        return cos, sin, mask, is_causal
 
     def _run(self, tokens, n_pad, start=0, cache: KVCache | None = None):
         B, T = tokens.shape
@@ -213,8 +232,7 @@ class GPT(nn.Module):
         cos, sin, mask, is_causal = self._plan(start, T, n_pad, tokens.device)
         x = self.drop(self.tok_emb(tokens))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x = block(x, cos, sin, mask, is_causal, kv, start)
+            x = block(x, cos, sin, mask, is_causal, cache, i)
         return self.norm_f(x)  # (B, T, C)
 
     # ---- the model interface shared with LSTMLM ----

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pglm.models.gpt import KVCache
+from pglm.models.gpt import KVCache, padded_causal_mask
 
 # transformers' activation names → F.gelu's `approximate` (gelu_new is the tanh approximation)
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -36,24 +36,6 @@ def supports(hf_model) -> bool:
         and not c.reorder_and_upcast_attn
         and not getattr(c, "add_cross_attention", False)
     )
-
-
-def padded_causal_mask(start: int, T: int, n_pad: torch.Tensor | None, device):
-    """(attn_mask, is_causal) for SDPA: query slots [start, start+T) over key slots [0, start+T).
-
-    Left pads are hidden from every query; a pad query sees its own slot only, so no softmax is over an
-    empty set (which would be NaN and leak into gradients). Without padding: SDPA's causal fast path.
-    """
-    q_slot = torch.arange(start, start + T, device=device)  # (T,)
-    k_slot = torch.arange(start + T, device=device)  # (S,)
-    if n_pad is None:
-        if start == 0:
-            return None, True
-        return (None, False) if T == 1 else (k_slot[None, :] <= q_slot[:, None], False)
-    causal = k_slot[None, None, :] <= q_slot[None, :, None]  # (1, T, S)
-    real_key = k_slot[None, None, :] >= n_pad[:, None, None]  # (B, 1, S)
-    own = k_slot[None, None, :] == q_slot[None, :, None]  # (1, T, S)
-    return ((causal & real_key) | own).unsqueeze(1), False  # (B, 1, T, S)
 
 
 def gpt2_hidden(hf_model, tokens: torch.Tensor, n_pad: torch.Tensor | None, start: int = 0,
@@ -76,11 +58,7 @@ def gpt2_hidden(hf_model, tokens: torch.Tensor, n_pad: torch.Tensor | None, star
         qkv = torch.addmm(blk.attn.c_attn.bias, h, blk.attn.c_attn.weight)  # (B·T, 3C)
         q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
         if cache is not None:
-            cache.k[i, :, :, start : start + T] = k
-            cache.v[i, :, :, start : start + T] = v
-            k, v = cache.k[i, :, :, : start + T], cache.v[i, :, :, : start + T]  # (B, H, S, D)
-            if torch.is_grad_enabled():  # the next step writes the cache in place (see gpt.py)
-                k, v = k.clone(), v.clone()
+            k, v = cache.append(i, k, v)  # (B, H, start+T, D): the sequence so far
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B * T, C)
         x = x + torch.addmm(blk.attn.c_proj.bias, y, blk.attn.c_proj.weight).view(B, T, C)

@@ -374,7 +374,8 @@ def make_rl_optimizer(model, value_head, lr: float, cfg: RLConfig) -> torch.opti
         if q.requires_grad and id(q) not in seen:  # with LoRA only the adapter trains
             seen.add(id(q))
             params.append(q)
-    return torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps)
+    # fused: one kernel for every tensor (the per-parameter loop cost ~6 ms of a ~40 ms add2 step on CPU)
+    return torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps, fused=all(q.device.type in ("cpu", "cuda") for q in params))
 
 
 def reference_model(model):
