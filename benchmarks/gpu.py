@@ -103,7 +103,14 @@ def mle(args, device, peak: float) -> None:
 
 def rl(args, device) -> None:
     import datasets
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallback
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        AutoTokenizer,
+        GPT2Config,
+        GPT2LMHeadModel,
+        PreTrainedTokenizerFast,
+        TrainerCallback,
+    )
     from trl import GRPOConfig, GRPOTrainer
 
     from pglm.pg.presets import get_preset
@@ -113,7 +120,6 @@ def rl(args, device) -> None:
 
     L, H, C, P, G, N = (2, 2, 64, 4, 4, 16) if args.tiny else (12, 12, 768, 32, 8, 256)
     work = Path(tempfile.mkdtemp(prefix="pglm-gpu-"))
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate("0123456789+= abcdefghij")}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
