@@ -8,7 +8,7 @@ resident set size above that baseline (getrusage ru_maxrss), and the bytes autog
 backward from the log-prob step (counted by a saved-tensors hook; the peak also holds the model's
 activations, and freed memory the allocator keeps). "full" computes lm_head over the whole
 batch at once, as a plain `model(tokens)` + cross-entropy loop does; "chunked" is what pglm's
-training and scoring use (`pglm.pg.logprobs.head_logprobs`: at most 2^23 logits at a time, each
+training and scoring use (`pglm.pg.logprobs.head_logprobs`: at most CHUNK_ELEMENTS = 2^25 logits at a time, each
 chunk recomputed in backward).
 """
 
@@ -25,7 +25,7 @@ def child(args) -> None:
     import torch
 
     from pglm.models import GPT, model_config
-    from pglm.pg.logprobs import head_logprobs
+    from pglm.pg.logprobs import CHUNK_ELEMENTS, head_logprobs
 
     torch.manual_seed(0)
     cfg = model_config("gpt", "tiny", vocab_size=args.vocab, d_model=args.width, n_head=4, n_layer=2, block_size=args.seq)
@@ -33,7 +33,7 @@ def child(args) -> None:
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     # warm-up on a tiny batch so allocator and kernels are set up before the baseline counts
-    limit = (1 << 23) if args.variant == "chunked" else float("inf")
+    limit = CHUNK_ELEMENTS if args.variant == "chunked" else float("inf")
     h = model.features(tokens[:1, :8])
     head_logprobs(h[:, :-1], model.lm_head, tokens[:1, 1:8], max_elements=limit).sum().backward()
     model.zero_grad(set_to_none=True)

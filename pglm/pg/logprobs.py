@@ -36,9 +36,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return -nll.view(B, T)
 
 
-# Full-vocabulary floats one chunk of `head_logprobs` may hold: 2^23 floats = 32 MiB in float32. A 32k
-# vocabulary then scores 256 positions at a time; a small vocabulary is never chunked at all.
-CHUNK_ELEMENTS = 1 << 23
+# Full-vocabulary floats one chunk of `head_logprobs` may hold: 2^25 floats = 128 MiB in float32. A 32k
+# vocabulary then scores 1,024 positions at a time; a small vocabulary is never chunked at all. Smaller
+# chunks cost speed: at 2^23 the 8 × 256 × 8,192 logits of benchmarks/mle_vs_hf.py size (b) were split
+# and recomputed in backward, ≈ 8 % of the step (docs/benchmarks.md).
+CHUNK_ELEMENTS = 1 << 25
 
 
 def head_logprobs(

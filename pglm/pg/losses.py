@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from pglm.pg.logprobs import CHUNK_ELEMENTS
+
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -158,10 +160,10 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 
 
 @torch.no_grad()
-def head_entropy(h: torch.Tensor, lm_head, mask: torch.Tensor, temperature: float = 1.0, max_elements: int = 1 << 23):
+def head_entropy(h: torch.Tensor, lm_head, mask: torch.Tensor, temperature: float = 1.0, max_elements: int | None = None):
     """`entropy(lm_head(h), mask)` for logging, computed a chunk of positions at a time so that it never
     holds more full-vocabulary floats than `pglm.pg.logprobs.head_logprobs` does. h (B, T, C)."""
     B, T, _ = h.shape
-    step = max(1, max_elements // (B * lm_head.weight.shape[0]))
+    step = max(1, (max_elements or CHUNK_ELEMENTS) // (B * lm_head.weight.shape[0]))
     ent = torch.cat([token_entropy(lm_head(h[:, s : s + step]), temperature) for s in range(0, T, step)], dim=1)
     return aggregate(ent, mask, "token-mean")
