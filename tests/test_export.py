@@ -12,6 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import error_line  # noqa: E402
+
 from pglm.cli import main  # noqa: E402
 from pglm.export import export_run, hf_tokenizer  # noqa: E402
 from pglm.models import GPT, LSTMLM, ModelConfig  # noqa: E402
@@ -56,14 +58,6 @@ def make_run(path, tok, *, arch="gpt", eos_after=None, **overrides):
     tok.save(path / "tokenizer.json")
     save_checkpoint(path, 1, model)
     return path, model
-
-
-def error_line(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
 
 
 def check_prompts_and_text(out, tok):

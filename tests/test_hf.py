@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from helpers import error_line  # noqa: E402
 from hf_models import make_hf_model  # noqa: E402
 
 from pglm.cli import main  # noqa: E402
@@ -26,14 +27,6 @@ KINDS = ["gpt2", "llama", "qwen2"]
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     return {kind: make_hf_model(kind, root / kind) for kind in KINDS}
-
-
-def error_line(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])  # absolute positions, and rotary ones

@@ -5,6 +5,7 @@ import os
 import signal
 
 import pytest
+from helpers import error_line
 
 import pglm.train.rl
 from pglm.cli import main
@@ -94,14 +95,6 @@ def test_zero_variance_warning(init, tmp_path, capsys):
                  "--max-new-tokens", "2", "--out", str(tmp_path / "run"), *RL[:-1], "--steps", "10"]) == 0
     out = capsys.readouterr().out
     assert "every group of 4 samples got equal rewards" in out and "trl#2703" in out
-
-
-def error_line(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
 
 
 def test_pre_launch_checks(init, tmp_path, capsys):
