@@ -14,7 +14,7 @@ from pglm.errors import UserError
 def cmd_rl(args):
     from dataclasses import fields as dc_fields
 
-    from pglm.cli.flags import lora_targets
+    from pglm.cli.flags import apply_lora
     from pglm.data import read_prompt_rows, render_prompts
     from pglm.pg.advantages import MovingBaseline
     from pglm.pg.presets import describe, get_preset
@@ -74,13 +74,8 @@ def cmd_rl(args):
             init = load_run(out, device)
         else:
             init = load_run(args.init, device, trust_remote_code=args.trust_remote_code)
-            if args.lora_r:
-                from pglm.models.hf import add_lora
-
-                if init.model.config.arch != "hf":
-                    raise UserError("--lora-r applies to hf: models; a pglm gpt or lstm trains all its weights")
-                add_lora(init.model, args.lora_r, args.lora_alpha, lora_targets(args))
-                init.model.to(device)
+            apply_lora(args, init.model)
+            init.model.to(device)  # the adapter's new weights too
         model, tokenizer = init.model, init.tokenizer
         if task is not None:
             check_task_tokenizer(tokenizer, task, args.init or out)
