@@ -162,7 +162,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="steps per timed run (default 30)")
     p.add_argument("--repeats", type=int, default=2, help="TRL/pglm pairs of runs (default 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the timed runs (TRL's best: 1e-4)")
-    p.add_argument("--best-algo", default="rloo", help="pglm preset for the accuracy run (default rloo)")
+    p.add_argument("--best-algo", default="reinforce", help="pglm preset for the accuracy run (default reinforce)")
     p.add_argument("--best-lr", type=float, default=1e-4, help="its learning rate (default 1e-4)")
     p.add_argument("--best-warmup", type=int, default=10, help="its warm-up steps (default 10)")
     p.add_argument("--best-steps", type=int, default=200, help="steps of the accuracy run (0 = skip; default 200)")
