@@ -40,7 +40,7 @@ from common import environment_line, matmul_gflops  # noqa: E402
 
 from pglm.cli import main as pglm_main  # noqa: E402
 from pglm.evaluate import evaluate_task  # noqa: E402
-from pglm.models.hf import HFCausalLM, load_hf  # noqa: E402
+from pglm.models.hf import load_hf, wrap_hf  # noqa: E402
 from pglm.tasks import get_task  # noqa: E402
 
 TASK = get_task("add2")
@@ -48,11 +48,7 @@ TASK = get_task("add2")
 
 def accuracy(hf_model, tokenizer) -> float:
     """Greedy accuracy on the 500 held-out problems, through pglm's evaluator."""
-    from dataclasses import replace
-
-    from pglm.models.hf import HFConfig, _summary
-
-    model = HFCausalLM(hf_model, replace(HFConfig(), **_summary(hf_model.config, None)))
+    model = wrap_hf(hf_model)
     was_training = hf_model.training
     hf_model.eval()
     acc = evaluate_task(model, tokenizer, TASK, samples=0)["accuracy"]

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from pglm.data import Batch
-from pglm.pg.logprobs import token_logprobs
+from pglm.pg.logprobs import CHUNK_ELEMENTS, token_logprobs
 
 
 @torch.no_grad()
@@ -24,10 +24,15 @@ def evaluate_lm(model, batches: Iterable[Batch], device="cpu", autocast=None) ->
     for batch in batches:
         batch = batch.to(device)
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            logits = model(batch.x)  # (B, T, V)
-        logp = token_logprobs(logits, batch.y)  # (B, T)
-        nll -= logp[batch.mask].double().sum().item()
-        correct += (logits.argmax(-1) == batch.y)[batch.mask].sum().item()
+            h = model.features(batch.x)  # (B, T, C)
+            # lm_head a chunk of positions at a time, as in training (head_logprobs): a large vocabulary
+            # never puts the whole batch's (B, T, V) logits in memory at once
+            step = max(1, CHUNK_ELEMENTS // (h.shape[0] * model.lm_head.weight.shape[0]))
+            for s in range(0, h.shape[1], step):
+                logits = model.lm_head(h[:, s : s + step])  # (B, chunk, V)
+                y, m = batch.y[:, s : s + step], batch.mask[:, s : s + step]
+                nll -= token_logprobs(logits, y)[m].double().sum().item()
+                correct += (logits.argmax(-1) == y)[m].sum().item()
         count += int(batch.mask.sum())
     model.train(was_training)
     if count == 0:

@@ -55,25 +55,12 @@ class Tokenizer:
         return ids
 
     def render_chat(self, messages: list[dict]) -> str:
-        """A conversation rendered by the tokenizer's chat template, ready for the assistant's turn."""
-        if not self.chat_template:
-            raise UserError(
-                f"the {self.kind} tokenizer has no chat template, so rows with 'messages' cannot be rendered; "
-                "use rows with a 'prompt' field, or a model whose tokenizer_config.json has a chat_template"
-            )
-        try:
-            from transformers import PreTrainedTokenizerFast
-        except ImportError:
-            raise UserError("rendering chat messages needs transformers; pip install 'pglm[hf]'") from None
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=self.tok, chat_template=self.chat_template, bos_token=self.decode([self.bos_id], False),
-            eos_token=self.decode([self.eos_id], False),
+        """A conversation rendered by the tokenizer's chat template, ready for the assistant's turn.
+        Only Hugging Face tokenizers carry one (HFTokenizer.render_chat)."""
+        raise UserError(
+            f"the {self.kind} tokenizer has no chat template, so rows with 'messages' cannot be rendered; "
+            "use rows with a 'prompt' field, or a model whose tokenizer_config.json has a chat_template"
         )
-        try:
-            return fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 — Jinja raises its own errors for malformed messages
-            raise UserError(f"the chat template cannot render {str(messages)[:80]} ({e}); "
-                            "messages are [{\"role\": \"user\", \"content\": \"...\"}, ...]") from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -212,6 +199,23 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.tok.decode(_id_list(self, ids, False), skip_special_tokens=skip_special)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if not self.chat_template:
+            return super().render_chat(messages)  # the one-line error
+        try:
+            from transformers import PreTrainedTokenizerFast
+        except ImportError:
+            raise UserError("rendering chat messages needs transformers; pip install 'pglm[hf]'") from None
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=self.tok, chat_template=self.chat_template, bos_token=self.decode([self.bos_id], False),
+            eos_token=self.decode([self.eos_id], False),
+        )
+        try:
+            return fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 — Jinja raises its own errors for malformed messages
+            raise UserError(f"the chat template cannot render {str(messages)[:80]} ({e}); "
+                            "messages are [{\"role\": \"user\", \"content\": \"...\"}, ...]") from None
 
     def to_dict(self) -> dict:
         return {"pglm_tokenizer": FORMAT, "kind": self.kind, "hf": json.loads(self.tok.to_str()),

@@ -53,13 +53,13 @@ def lora_targets(args) -> list[str] | None:
     return [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
 
 
-def hf_model_from(args, device="cpu"):
+def hf_model_from(args):
     """--model hf:PATH → LoadedRun (model and its tokenizer), with LoRA when --lora-r asks for it."""
     from pglm.runs import load_run
 
     if args.tokenizer:
         raise UserError("a hf: model brings its own tokenizer; drop --tokenizer")
-    loaded = load_run(args.model, device, trust_remote_code=args.trust_remote_code, block_size=args.block_size)
+    loaded = load_run(args.model, trust_remote_code=args.trust_remote_code, block_size=args.block_size)
     apply_lora(args, loaded.model)
     return loaded
 

@@ -97,7 +97,12 @@ def load_hf(spec: str, trust_remote_code: bool = False, block_size: int | None =
     except OSError as e:
         hint = "" if local.exists() else " (not a local directory; a hub id needs network)"
         raise UserError(f"hf:{path} cannot be loaded{hint}: {str(e).splitlines()[0]}") from None
-    cfg = HFConfig(source=f"hf:{path}", hf_config=model.config.to_dict(), trust_remote_code=trust_remote_code,
+    return wrap_hf(model, f"hf:{path}", trust_remote_code, block_size)
+
+
+def wrap_hf(model, source: str = "", trust_remote_code: bool = False, block_size: int | None = None) -> HFCausalLM:
+    """A transformers causal LM already in memory, behind pglm's model interface."""
+    cfg = HFConfig(source=source, hf_config=model.config.to_dict(), trust_remote_code=trust_remote_code,
                    **_summary(model.config, block_size))
     return HFCausalLM(model, cfg)
 
