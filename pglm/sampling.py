@@ -42,6 +42,12 @@ class Generation:
     def response_ids(self, i: int) -> list[int]:
         return self.response[i][self.response_mask[i]].tolist()
 
+    def all_response_ids(self) -> list[list[int]]:
+        """response_ids of every row, from one copy to Python lists (a per-row boolean index is
+        four small ops a row; for 64 rows that was ~2 ms of an add2 policy-gradient step)."""
+        return [[t for t, keep in zip(row, mask) if keep]
+                for row, mask in zip(self.response.tolist(), self.response_mask.tolist())]
+
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, P), n_pad (B,)) for prompts of different lengths."""
@@ -141,10 +147,13 @@ def _generate(
     tokens[:, :P] = prompt_tokens.repeat_interleave(group_size, dim=0)
     n_pad = n_pad.repeat_interleave(group_size)
     # float64 models (the exact-gradient tests) keep float64 log-probs; half precision is lifted to float32
-    logprobs = torch.zeros(B, N, device=device, dtype=torch.promote_types(next(model.parameters()).dtype, torch.float32))
+    logp_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    # Per-step columns, stacked at the end: writing into a preallocated (B, N) tensor under autograd
+    # would put a CopySlices node (a clone of the whole gradient) in backward for every token.
+    logprobs: list[torch.Tensor] = []  # N × (B,)
+    entropy: list[torch.Tensor] | None = [] if with_entropy else None  # N × (B,)
     response_mask = torch.zeros(B, N, dtype=torch.bool, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    entropy = torch.zeros_like(logprobs) if with_entropy else None
 
     if use_cache:
         cache = model.new_cache(B0, P + N, n_pad=n_pad[::group_size], device=device)
@@ -158,12 +167,12 @@ def _generate(
         token, logp = sample_next(logits, temperature, top_k, top_p, greedy, generator)
         if entropy is not None:
             with torch.no_grad():
-                entropy[:, t] = token_entropy(logits, temperature if temperature > 0 else 1.0).masked_fill(finished, 0.0)
+                entropy.append(token_entropy(logits, temperature if temperature > 0 else 1.0).masked_fill(finished, 0.0))
         alive = ~finished
         token = token.masked_fill(finished, pad_id)  # rows that have ended get pad
         tokens[:, P + t] = token
         # `alive`, not `finished`: autograd saves the mask, and `finished` is updated in place below
-        logprobs[:, t] = torch.where(alive, logp, 0.0)
+        logprobs.append(torch.where(alive, logp, 0.0).to(logp_dtype))
         response_mask[:, t] = alive  # eos is inside the mask (estimators.md §2.5)
         finished |= token == eos_id  # an ended row's pad changes nothing: it has ended already
         if stop is not None:
@@ -173,12 +182,17 @@ def _generate(
         # One host sync per token; on CPU it costs microseconds (measured, docs/benchmarks.md), and it
         # ends the loop as soon as every row has ended.
         if bool(finished.all()):
-            tokens, logprobs, response_mask = tokens[:, : P + t + 1], logprobs[:, : t + 1], response_mask[:, : t + 1]
-            entropy = None if entropy is None else entropy[:, : t + 1]
+            tokens, response_mask = tokens[:, : P + t + 1], response_mask[:, : t + 1]
             break
         if use_cache and t + 1 < N:  # the last token sampled needs no forward pass of its own
             logits = model.forward_cached(token[:, None], cache)[:, -1]  # (B, V)
-    return Generation(tokens, n_pad, P, response_mask, logprobs, finished, entropy)
+    return Generation(tokens, n_pad, P, response_mask, _columns(logprobs, B, device, logp_dtype), finished,
+                      None if entropy is None else _columns(entropy, B, device, logp_dtype))
+
+
+def _columns(cols: list[torch.Tensor], B: int, device, dtype) -> torch.Tensor:
+    """N columns (B,) → (B, N); N = 0 gives (B, 0)."""
+    return torch.stack(cols, dim=1) if cols else torch.zeros(B, 0, device=device, dtype=dtype)
 
 
 def completion_text(tokenizer, ids: list[int]) -> str:
@@ -197,4 +211,4 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, **kwargs
     out; with group_size G, rows i·G .. i·G + G − 1 are prompt i's samples. kwargs go to `generate`."""
     ids = [tokenizer.prompt_ids(p) for p in prompts]
     g = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kwargs)
-    return g, [completion_text(tokenizer, g.response_ids(i)) for i in range(g.tokens.size(0))]
+    return g, [completion_text(tokenizer, ids) for ids in g.all_response_ids()]

@@ -59,6 +59,7 @@ def test_mask_includes_eos_and_nothing_after():
         else:
             assert EOS not in resp[:n] and n == g.response_mask.size(1)
         assert (g.logprobs[i, n:] == 0).all()
+        assert g.all_response_ids()[i] == resp[:n] == g.response_ids(i)  # the batched and per-row readings agree
 
 
 def test_greedy_is_argmax_and_stop_ends_rows():
