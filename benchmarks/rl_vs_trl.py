@@ -17,7 +17,8 @@
 3. pglm's best setting for the task (`--best-algo`, `--best-lr`, `--best-prompts`), `--best-steps`
    steps × 64 completions from the same checkpoint, over `--best-seeds` seeds: greedy accuracy (TRL's
    best: 0.73 after 200, mean of 3 seeds). The best spends its 64 completions on 64 prompts × 1 sample
-   (REINFORCE with a moving baseline needs no group), not 8 × 8: see docs/benchmarks.md.
+   (REINFORCE with a moving baseline needs no group), not 8 × 8: see docs/benchmarks.md. For scale,
+   maximum likelihood on the correct answers of as many problems (200 × 64) from the same checkpoint.
 
 Greedy accuracy of both is measured by the same code (pglm.evaluate.evaluate_task, exact match of the
 answer, batched greedy decoding with per-row positions) on the same 500 problems.
@@ -74,10 +75,39 @@ def breakdown(model) -> dict[str, str]:
 # ---- 1. the shared checkpoint ----
 
 
+def mle_step(model, opt, rows: list[dict]) -> torch.Tensor:
+    """One step of the plain loop: teacher forcing on <bos> a+b=c <eos> for every row, AdamW."""
+    from pglm.data import sft_batch, sft_example
+
+    tok = TASK.tokenizer()
+    b = sft_batch([sft_example(tok, r["prompt"], TASK.solution(r), 64) for r in rows], tok.pad_id)
+    logits = model(b.x).logits  # right-padded rows: positions arange(T) are right
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.y.flatten(), reduction="none")
+    full = b.x != tok.pad_id  # loss on every non-pad token of <bos> a+b=c <eos>, as the reference
+    loss = (loss * full.flatten()).sum() / full.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def mle_on_truth(ckpt: Path, steps: int, lr: float):
+    """What the same number of examples gives when every one is a correct answer: `steps` more steps of
+    the plain loop (64 fresh training problems each, fresh AdamW at `lr`) from the shared checkpoint."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel.from_pretrained(ckpt, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    rng = random.Random(1)
+    for _ in range(steps):
+        mle_step(model, opt, TASK.train_prompts(rng, 64))
+    return model
+
+
 def make_checkpoint(work: Path, lo: float = 0.3, hi: float = 0.6) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pglm.data import sft_batch, sft_example
     from pglm.export import hf_tokenizer
 
     ckpt = work / "ckpt"
@@ -93,15 +123,7 @@ def make_checkpoint(work: Path, lo: float = 0.3, hi: float = 0.6) -> Path:
     rng = random.Random(0)
     t0 = time.perf_counter()
     for step in range(1, 2001):
-        rows = TASK.train_prompts(rng, 64)
-        b = sft_batch([sft_example(tok, r["prompt"], TASK.solution(r), 64) for r in rows], tok.pad_id)
-        logits = model(b.x).logits  # right-padded rows: positions arange(T) are right
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.y.flatten(), reduction="none")
-        full = b.x != tok.pad_id  # loss on every non-pad token of <bos> a+b=c <eos>, as the reference
-        loss = (loss * full.flatten()).sum() / full.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = mle_step(model, opt, TASK.train_prompts(rng, 64))
         if step >= 400 and step % 10 == 0:
             acc = accuracy(model, tok)
             print(f"  MLE step {step}: loss {loss.item():.3f}, greedy accuracy {acc:.3f}", flush=True)
@@ -183,6 +205,9 @@ def main() -> None:
     p.add_argument("--best-steps", type=int, default=200, help="steps of the accuracy run (0 = skip; default 200)")
     p.add_argument("--work", default="runs/bench-rl", help="where the checkpoint and runs go")
     args = p.parse_args()
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # its advice to pass attention_mask: right padding needs none here
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     print(environment_line())
@@ -225,6 +250,12 @@ def main() -> None:
         print("where seed 0's model still fails (greedy, held-out):")
         for name, acc in breakdown(load_run(work / "pglm-best-0", torch.device("cpu")).model).items():
             print(f"  {name}: {acc}")
+        # The same number of examples, all of them correct answers: how far supervision itself gets.
+        for lr in (1e-4, 3e-4):
+            model = mle_on_truth(ckpt, args.best_steps, lr).eval()
+            print(f"maximum likelihood on the correct answers instead, {args.best_steps} steps × 64 problems, AdamW {lr:g}: "
+                  f"greedy accuracy {accuracy(model, TASK.tokenizer()):.3f}; "
+                  + "; ".join(f"{k}: {v}" for k, v in breakdown(wrap_hf(model)).items()))
 
 if __name__ == "__main__":
     main()
