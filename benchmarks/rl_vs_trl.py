@@ -17,7 +17,8 @@
 3. pglm's best setting for the task (`--best-algo`, `--best-lr`, `--best-prompts`), `--best-steps`
    steps × 64 completions from the same checkpoint, over `--best-seeds` seeds: greedy accuracy (TRL's
    best: 0.73 after 200, mean of 3 seeds). The best spends its 64 completions on 64 prompts × 1 sample
-   (REINFORCE with a moving baseline needs no group), not 8 × 8: see docs/benchmarks.md. For scale,
+   (REINFORCE with a moving baseline needs no group), not 8 × 8: see docs/benchmarks.md. Then TRL's
+   best setting of the reference (lr 1e-4, β = 0) for as many steps and seeds. For scale,
    maximum likelihood on the correct answers of as many problems (200 × 64) from the same checkpoint.
 
 Greedy accuracy of both is measured by the same code (pglm.evaluate.evaluate_task, exact match of the
@@ -247,6 +248,11 @@ def main() -> None:
               f"sample{'s' if group > 1 else ''} each, {args.best_steps} steps: greedy accuracy {mean:.3f}, mean of seeds "
               f"{', '.join(f'{a:.3f}' for a in accs)} (from {start:.3f}; TRL's best 0.73, mean of 3 seeds; target ≥ 0.90: "
               f"{'met' if mean >= 0.9 else 'MISSED'}) in {time.perf_counter() - t0:.0f} s")
+        # TRL's best setting of the reference (lr 1e-4, β = 0) on this checkpoint, same steps and seeds
+        trl = [run_trl(ckpt, args.best_steps, 1e-4, work / f"trl-best-{seed}", seed=seed)["accuracy"]
+               for seed in range(args.best_seeds)]
+        print(f"TRL GRPOTrainer lr 1e-4, 8 prompts × 8 samples, {args.best_steps} steps, same checkpoint: greedy accuracy "
+              f"{statistics.mean(trl):.3f}, mean of seeds {', '.join(f'{a:.3f}' for a in trl)}")
         print("where seed 0's model still fails (greedy, held-out):")
         for name, acc in breakdown(load_run(work / "pglm-best-0", torch.device("cpu")).model).items():
             print(f"  {name}: {acc}")

@@ -119,7 +119,7 @@ def cmd_rl(args):
             write_json(out / "config.json", config)
             metrics = MetricsLog(out)
     print(describe(preset, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
-    print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} samples per step, lr {lr:g}, {cfg.steps} steps "
+    print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} sample{'s' if cfg.group_size > 1 else ''} per step, lr {lr:g}, {cfg.steps} steps "
           f"from {config['init']} → {out}", file=sys.stderr)
     evaluator = None
     if task is not None:
