@@ -8,7 +8,9 @@ clip_grad_norm_ → AdamW step, default AdamW settings. Same layers, heads, widt
 context, batch, fp32, dropout 0, tied embeddings. The architectures differ as the libraries do
 (pglm: Llama-style, RMSNorm, rotary, SwiGLU, no biases; GPT-2: LayerNorm, learned positions, GELU
 MLP, biases), so parameter counts differ slightly and MFU = 6·params·tokens/s ÷ the fp32 matmul
-rate measured in the same run puts both on one scale.
+rate measured in the same run puts both on one scale. A third contestant, "pglm-gpt2", is pglm's
+same step on the very same `GPT2LMHeadModel` (what `pglm pretrain --model hf:DIR` runs): same
+architecture and weights as the peer, so its ratio is the training step's alone.
 
     python benchmarks/mle_vs_hf.py                 # both sizes, < 4 minutes on a 2-core CPU
     python benchmarks/mle_vs_hf.py --sizes a --repeats 9
@@ -31,6 +33,7 @@ from common import environment_line, interleaved, matmul_gflops, print_ratio  # 
 from pglm.data import Batch  # noqa: E402
 from pglm.models.config import ModelConfig  # noqa: E402
 from pglm.models.gpt import GPT  # noqa: E402
+from pglm.models.hf import wrap_hf  # noqa: E402
 from pglm.train.mle import TrainConfig, make_optimizer, mle_step  # noqa: E402
 
 
@@ -70,14 +73,31 @@ def pglm_setup(s: Size, batch: Batch):
     return model, run
 
 
-def hf_setup(s: Size, batch: Batch):
+def gpt2(s: Size):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=s.vocab, n_positions=max(64, s.T), n_embd=s.d_model, n_layer=s.n_layer,
                      n_head=s.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
                      bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg).train()
+    return GPT2LMHeadModel(cfg).train()
+
+
+def pglm_gpt2_setup(s: Size, batch: Batch):
+    """pglm's training step on the very same GPT2LMHeadModel (`pglm pretrain --model hf:DIR`): same
+    architecture and weights as the peer, so the ratio is the training step's own."""
+    model = wrap_hf(gpt2(s)).train()
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
+
+    def run():
+        for _ in range(s.steps):
+            mle_step(model, optimizer, [batch], grad_clip=1.0)
+
+    return model, run
+
+
+def hf_setup(s: Size, batch: Batch):
+    model = gpt2(s)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def run():
@@ -113,21 +133,25 @@ def main(argv=None):
         w = torch.randint(0, s.vocab, (s.B, s.T + 1), generator=g)
         batch = Batch(w[:, :-1], w[:, 1:], torch.ones(s.B, s.T, dtype=torch.bool))
         ours, run_ours = pglm_setup(s, batch)
+        ours2, run_ours2 = pglm_gpt2_setup(s, batch)
         peer, run_peer = hf_setup(s, batch)
         # The matmul rate is timed in the same rotation, so MFU divides by the rate of the same minutes.
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        t = interleaved({"pglm": run_ours, "hf": run_peer, "matmul": partial(torch.matmul, a, b)}, args.repeats)
+        t = interleaved({"pglm": run_ours, "pglm-gpt2": run_ours2, "hf": run_peer, "matmul": partial(torch.matmul, a, b)},
+                        args.repeats)
         gflops = 2 * 2048**3 / t["matmul"] / 1e9
         tokens = s.steps * s.B * s.T
         print(f"\nsize {s.name}; {s.steps} steps per call, median of {args.repeats} (peer reference: {s.peer_ref})")
         print(f"  fp32 matmul 2048×2048 in the same rotation: {gflops:.0f} GFLOP/s")
         tok_s = {}
-        for name, model in (("pglm", ours), ("hf", peer)):
+        for name, model in (("pglm", ours), ("pglm-gpt2", ours2), ("hf", peer)):
             tok_s[name] = tokens / t[name]
             mfu = 6 * n_params(model) * tok_s[name] / (gflops * 1e9)
-            print(f"  {name:5s} {n_params(model):>11,} params  {1e3 * t[name] / s.steps:8.1f} ms/step  "
+            print(f"  {name:9s} {n_params(model):>11,} params  {1e3 * t[name] / s.steps:8.1f} ms/step  "
                   f"{tok_s[name]:9,.0f} tokens/s  MFU {100 * mfu:5.1f} %")
-        print_ratio("  tokens/s", tok_s["pglm"], tok_s["hf"], target=1.5 if key == "a" else None)
+        print_ratio("  tokens/s, pglm's GPT", tok_s["pglm"], tok_s["hf"], target=1.5 if key == "a" else None)
+        print_ratio("  tokens/s, pglm's step on the same GPT2LMHeadModel", tok_s["pglm-gpt2"], tok_s["hf"],
+                    target=1.5 if key == "a" else None)
 
 
 if __name__ == "__main__":
