@@ -206,6 +206,8 @@ def main() -> None:
     p.add_argument("--best-steps", type=int, default=200, help="steps of the accuracy run (0 = skip; default 200)")
     p.add_argument("--work", default="runs/bench-rl", help="where the checkpoint and runs go")
     args = p.parse_args()
+    if args.best_prompts < 1 or 64 % args.best_prompts or args.best_seeds < 1:
+        raise SystemExit("--best-prompts must divide 64 completions (1, 2, 4, ..., 64) and --best-seeds be at least 1")
     import transformers
 
     transformers.logging.set_verbosity_error()  # its advice to pass attention_mask: right padding needs none here
@@ -236,8 +238,6 @@ def main() -> None:
         print(f"pglm is {ratio:.2f}× faster per step than TRL GRPOTrainer (target ≥ 3×: {'met' if ratio >= 3 else 'MISSED'})")
 
     if args.best_steps:
-        if 64 % args.best_prompts:
-            raise SystemExit(f"--best-prompts {args.best_prompts} does not divide 64 completions; use 8, 16, 32 or 64")
         t0 = time.perf_counter()
         group = 64 // args.best_prompts
         accs = [run_pglm(ckpt, args.best_steps, args.best_lr, work / f"pglm-best-{seed}", seed=seed, algo=args.best_algo,

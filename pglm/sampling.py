@@ -43,8 +43,8 @@ class Generation:
         return self.response[i][self.response_mask[i]].tolist()
 
     def all_response_ids(self) -> list[list[int]]:
-        """response_ids of every row, from one copy to Python lists (a per-row boolean index is
-        four small ops a row; for 64 rows that was ~2 ms of an add2 policy-gradient step)."""
+        """response_ids of every row, from one copy to Python lists: a boolean index per row is a few
+        small tensor ops per row, which a policy-gradient step pays for every completion."""
         return [[t for t, keep in zip(row, mask) if keep]
                 for row, mask in zip(self.response.tolist(), self.response_mask.tolist())]
 
@@ -211,4 +211,4 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, **kwargs
     out; with group_size G, rows i·G .. i·G + G − 1 are prompt i's samples. kwargs go to `generate`."""
     ids = [tokenizer.prompt_ids(p) for p in prompts]
     g = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kwargs)
-    return g, [completion_text(tokenizer, ids) for ids in g.all_response_ids()]
+    return g, [completion_text(tokenizer, response) for response in g.all_response_ids()]
