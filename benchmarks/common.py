@@ -59,6 +59,18 @@ def environment() -> dict:
     }
 
 
+def add_threads_flag(ap) -> None:
+    """--threads N: torch.set_num_threads for both sides (under load the default 2 can stall, docs/benchmarks.md)."""
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides (default: torch's)")
+
+
+def start(args) -> None:
+    """Apply --threads, then print the environment line every benchmark's output starts with."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(environment_line())
+
+
 def environment_line() -> str:
     return "  ".join(f"{k} {v}" for k, v in environment().items())
 

@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_line, interleaved, print_ratio  # noqa: E402
+from common import add_threads_flag, interleaved, print_ratio, start  # noqa: E402
 
 from pglm.models.config import ModelConfig  # noqa: E402
 from pglm.models.gpt import GPT  # noqa: E402
@@ -79,12 +79,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
     ap.add_argument("--repeats", type=int, default=15, help="timed calls per side, interleaved pglm/HF")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides (default: torch's)")
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(environment_line())
+    start(args)
     torch.manual_seed(0)
     ours = GPT(ModelConfig(vocab_size=V, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL, block_size=CONTEXT)).eval()
     peer = hf_model()

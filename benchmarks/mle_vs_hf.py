@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_line, interleaved, matmul_gflops, print_ratio  # noqa: E402
+from common import add_threads_flag, interleaved, matmul_gflops, print_ratio, start  # noqa: E402
 
 from pglm.data import Batch  # noqa: E402
 from pglm.models.config import ModelConfig  # noqa: E402
@@ -117,12 +117,10 @@ def main(argv=None):
     ap.add_argument("--sizes", default="ab", help="which sizes to run: a, b or ab")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per timed call (default: 10 for a, 1 for b)")
     ap.add_argument("--repeats", type=int, default=7, help="timed calls per side, interleaved pglm/HF")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both sides (default: torch's)")
+    add_threads_flag(ap)
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(environment_line())
+    start(args)
     gflops = matmul_gflops()
     print(f"fp32 matmul 2048×2048: {gflops:.0f} GFLOP/s (median of 10)")
     for key in args.sizes:

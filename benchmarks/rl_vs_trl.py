@@ -76,7 +76,7 @@ def breakdown(model) -> dict[str, str]:
 # ---- 1. the shared checkpoint ----
 
 
-def mle_step(model, opt, rows: list[dict]) -> torch.Tensor:
+def plain_mle_step(model, opt, rows: list[dict]) -> torch.Tensor:
     """One step of the plain loop: teacher forcing on <bos> a+b=c <eos> for every row, AdamW."""
     from pglm.data import sft_batch, sft_example
 
@@ -102,7 +102,7 @@ def mle_on_truth(ckpt: Path, steps: int, lr: float):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = random.Random(1)
     for _ in range(steps):
-        mle_step(model, opt, TASK.train_prompts(rng, 64))
+        plain_mle_step(model, opt, TASK.train_prompts(rng, 64))
     return model
 
 
@@ -124,7 +124,7 @@ def make_checkpoint(work: Path, lo: float = 0.3, hi: float = 0.6) -> Path:
     rng = random.Random(0)
     t0 = time.perf_counter()
     for step in range(1, 2001):
-        loss = mle_step(model, opt, TASK.train_prompts(rng, 64))
+        loss = plain_mle_step(model, opt, TASK.train_prompts(rng, 64))
         if step >= 400 and step % 10 == 0:
             acc = accuracy(model, tok)
             print(f"  MLE step {step}: loss {loss.item():.3f}, greedy accuracy {acc:.3f}", flush=True)
@@ -208,6 +208,8 @@ def main() -> None:
     args = p.parse_args()
     if args.best_prompts < 1 or 64 % args.best_prompts or args.best_seeds < 1:
         raise SystemExit("--best-prompts must divide 64 completions (1, 2, 4, ..., 64) and --best-seeds be at least 1")
+    if (args.repeats and args.steps < 4) or 0 < args.best_steps < 4:
+        raise SystemExit("--steps and --best-steps need at least 4 steps (the first two of a run are not timed)")
     import transformers
 
     transformers.logging.set_verbosity_error()  # its advice to pass attention_mask: right padding needs none here
@@ -262,6 +264,7 @@ def main() -> None:
             print(f"maximum likelihood on the correct answers instead, {args.best_steps} steps × 64 problems, AdamW {lr:g}: "
                   f"greedy accuracy {accuracy(model, TASK.tokenizer()):.3f}; "
                   + "; ".join(f"{k}: {v}" for k, v in breakdown(wrap_hf(model)).items()))
+
 
 if __name__ == "__main__":
     main()
