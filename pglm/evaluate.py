@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from pglm.data import Batch
-from pglm.pg.logprobs import CHUNK_ELEMENTS, token_logprobs
+from pglm.pg.logprobs import chunk_positions, token_logprobs
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def evaluate_lm(model, batches: Iterable[Batch], device="cpu", autocast=None) ->
             h = model.features(batch.x)  # (B, T, C)
             # lm_head a chunk of positions at a time, as in training (head_logprobs): a large vocabulary
             # never puts the whole batch's (B, T, V) logits in memory at once
-            step = max(1, CHUNK_ELEMENTS // (h.shape[0] * model.lm_head.weight.shape[0]))
+            step = chunk_positions(h.shape[0], model.lm_head.weight.shape[0])
             for s in range(0, h.shape[1], step):
                 logits = model.lm_head(h[:, s : s + step])  # (B, chunk, V)
                 y, m = batch.y[:, s : s + step], batch.mask[:, s : s + step]

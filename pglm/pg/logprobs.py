@@ -43,6 +43,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 CHUNK_ELEMENTS = 1 << 25
 
 
+def chunk_positions(B: int, V: int, max_elements: int = CHUNK_ELEMENTS) -> int:
+    """Positions per chunk when B rows of V-wide logits may hold at most `max_elements` floats (at least 1).
+
+    The one rule behind every chunked lm_head: scoring (`head_logprobs`), logged entropy and evaluation."""
+    return max(1, max_elements // (B * V))
+
+
 def head_logprobs(
     h: torch.Tensor, lm_head, targets: torch.Tensor, temperature: float = 1.0, max_elements: int = CHUNK_ELEMENTS
 ) -> torch.Tensor:
@@ -58,7 +65,7 @@ def head_logprobs(
     V = lm_head.weight.shape[0]
     if B * T * V <= max_elements:
         return token_logprobs(lm_head(h), targets, temperature)
-    step = max(1, max_elements // (B * V))  # positions per chunk
+    step = chunk_positions(B, V, max_elements)
 
     def piece(h_c, t_c):
         return token_logprobs(lm_head(h_c), t_c, temperature)

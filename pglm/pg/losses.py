@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pglm.pg.logprobs import CHUNK_ELEMENTS
+from pglm.pg.logprobs import CHUNK_ELEMENTS, chunk_positions
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -164,6 +164,6 @@ def head_entropy(h: torch.Tensor, lm_head, mask: torch.Tensor, temperature: floa
     """`entropy(lm_head(h), mask)` for logging, computed a chunk of positions at a time so that it never
     holds more full-vocabulary floats than `pglm.pg.logprobs.head_logprobs` does. h (B, T, C)."""
     B, T, _ = h.shape
-    step = max(1, (max_elements or CHUNK_ELEMENTS) // (B * lm_head.weight.shape[0]))
+    step = chunk_positions(B, lm_head.weight.shape[0], max_elements or CHUNK_ELEMENTS)
     ent = torch.cat([token_entropy(lm_head(h[:, s : s + step]), temperature) for s in range(0, T, step)], dim=1)
     return aggregate(ent, mask, "token-mean")
