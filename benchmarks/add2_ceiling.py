@@ -5,7 +5,7 @@
 benchmarks/rl_vs_trl.py asks for 0.90 greedy accuracy after 200 steps × 64 completions from its
 0.430 checkpoint. This script is not a peer comparison but a bound for that target, from the same
 checkpoint (made by rl_vs_trl.py if --work has none) and the same budget of examples:
-1. Supervised learning on the true answers (rl_vs_trl.py's plain loop, fresh AdamW, 64 problems a
+1. Supervised learning on the true answers (rl_vs_trl.py's `mle_on_truth`, fresh AdamW, 64 problems a
    step): training pairs as drawn; half of every batch problems with a one-digit operand (the ones
    policy gradient leaves wrong, a curriculum aimed at them); loss on the answer tokens only. At lr
    1e-4, 3e-4 and 1e-3 (the checkpoint's own).
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -29,40 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment_line  # noqa: E402
-from rl_vs_trl import TASK, accuracy, breakdown, make_checkpoint, plain_mle_step  # noqa: E402
+from rl_vs_trl import TASK, accuracy, breakdown, make_checkpoint, mle_on_truth  # noqa: E402
 
 from pglm.evaluate import evaluate_task  # noqa: E402
-from pglm.models.hf import wrap_hf  # noqa: E402
+from pglm.models.hf import load_hf, wrap_hf  # noqa: E402
 from pglm.pg.advantages import MovingBaseline  # noqa: E402
 from pglm.pg.presets import get_preset  # noqa: E402
 from pglm.runs import load_run  # noqa: E402
-from pglm.tasks.add2 import TRAIN_PAIRS, prompt_of  # noqa: E402
 from pglm.train.rl import RLConfig, make_rl_optimizer, task_rows, train_rl  # noqa: E402
-
-ONE_DIGIT = [p for p in TRAIN_PAIRS if min(p) < 10]  # 1,816 of the 9,500 training pairs (19 %)
-TWO_DIGIT = [p for p in TRAIN_PAIRS if min(p) >= 10]
-
-
-def load_gpt2(ckpt: Path):
-    from transformers import GPT2LMHeadModel
-
-    return GPT2LMHeadModel.from_pretrained(ckpt, dtype=torch.float32)
-
-
-def supervised(ckpt: Path, steps: int, lr: float, one_digit_share: float | None, answer_only: bool):
-    """The GPT2LMHeadModel after `steps` supervised steps; one_digit_share None draws pairs as add2 does."""
-    torch.manual_seed(0)
-    model = load_gpt2(ckpt).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    rng = random.Random(1)
-    for _ in range(steps):
-        if one_digit_share is None:
-            rows = TASK.train_prompts(rng, 64)
-        else:
-            rows = [TASK.row(prompt_of(*rng.choice(ONE_DIGIT if rng.random() < one_digit_share else TWO_DIGIT)))
-                    for _ in range(64)]
-        plain_mle_step(model, opt, rows, answer_only=answer_only)
-    return model
 
 
 def with_failure_replay(draw_rows, reward_fn, share: float, per_step: int):
@@ -113,8 +86,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(environment_line())
     ckpt = make_checkpoint(work)
-    print(f"from {ckpt} (greedy accuracy {accuracy(load_gpt2(ckpt), TASK.tokenizer()):.3f}), {args.steps} steps × 64:",
-          flush=True)
+    start = accuracy(load_hf(f"hf:{ckpt}").inner, TASK.tokenizer())
+    print(f"from {ckpt} (greedy accuracy {start:.3f}), {args.steps} steps × 64:", flush=True)
 
     def report(label: str, model) -> None:
         model = wrap_hf(model.eval()) if isinstance(model, transformers.PreTrainedModel) else model
@@ -123,9 +96,9 @@ def main() -> None:
         print(f"  {label:62s} {acc:.3f}   one-digit operand {one}", flush=True)
 
     for lr in (1e-4, 3e-4, 1e-3):  # 1e-3 made the checkpoint
-        report(f"supervised, pairs as drawn, lr {lr:g}", supervised(ckpt, args.steps, lr, None, False))
-        report(f"supervised, half one-digit-operand problems, lr {lr:g}", supervised(ckpt, args.steps, lr, 0.5, False))
-        report(f"supervised, answer tokens only, lr {lr:g}", supervised(ckpt, args.steps, lr, None, True))
+        report(f"supervised, pairs as drawn, lr {lr:g}", mle_on_truth(ckpt, args.steps, lr))
+        report(f"supervised, half one-digit-operand problems, lr {lr:g}", mle_on_truth(ckpt, args.steps, lr, one_digit_share=0.5))
+        report(f"supervised, answer tokens only, lr {lr:g}", mle_on_truth(ckpt, args.steps, lr, answer_only=True))
     for share in (0.0, 0.25, 0.5):
         report(f"pglm reinforce 64 × 1, lr 1e-4, failure replay {share:g}",
                replay_run(ckpt, args.steps, share, work / f"replay-{share:g}"))

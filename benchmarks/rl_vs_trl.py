@@ -93,17 +93,28 @@ def plain_mle_step(model, opt, rows: list[dict], answer_only: bool = False) -> t
     return loss
 
 
-def mle_on_truth(ckpt: Path, steps: int, lr: float):
+def mle_on_truth(ckpt: Path, steps: int, lr: float, one_digit_share: float | None = None,
+                 answer_only: bool = False):
     """What the same number of examples gives when every one is a correct answer: `steps` more steps of
-    the plain loop (64 fresh training problems each, fresh AdamW at `lr`) from the shared checkpoint."""
+    the plain loop (64 fresh training problems each, fresh AdamW at `lr`) from the shared checkpoint.
+    Problems are drawn as add2 draws them, or with a one-digit operand at `one_digit_share` of the rows
+    (benchmarks/add2_ceiling.py); `answer_only` as in plain_mle_step."""
     from transformers import GPT2LMHeadModel
 
+    from pglm.tasks.add2 import TRAIN_PAIRS, prompt_of
+
+    one = [p for p in TRAIN_PAIRS if min(p) < 10]  # 1,816 of the 9,500 training pairs (19 %)
+    two = [p for p in TRAIN_PAIRS if min(p) >= 10]
     torch.manual_seed(0)
     model = GPT2LMHeadModel.from_pretrained(ckpt, dtype=torch.float32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = random.Random(1)
     for _ in range(steps):
-        plain_mle_step(model, opt, TASK.train_prompts(rng, 64))
+        if one_digit_share is None:
+            rows = TASK.train_prompts(rng, 64)
+        else:
+            rows = [TASK.row(prompt_of(*rng.choice(one if rng.random() < one_digit_share else two))) for _ in range(64)]
+        plain_mle_step(model, opt, rows, answer_only=answer_only)
     return model
 
 
