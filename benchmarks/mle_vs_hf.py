@@ -60,10 +60,8 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are listed once
 
 
-def pglm_setup(s: Size, batch: Batch):
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=s.vocab, n_layer=s.n_layer, n_head=s.n_head, d_model=s.d_model,
-                            block_size=max(64, s.T), dropout=0.0)).train()
+def pglm_steps(model, s: Size, batch: Batch):
+    """(model, run): run takes s.steps of `mle_step`, the step `pglm pretrain` runs, with its optimizer."""
     optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
 
     def run():
@@ -71,6 +69,13 @@ def pglm_setup(s: Size, batch: Batch):
             mle_step(model, optimizer, [batch], grad_clip=1.0)
 
     return model, run
+
+
+def pglm_setup(s: Size, batch: Batch):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=s.vocab, n_layer=s.n_layer, n_head=s.n_head, d_model=s.d_model,
+                            block_size=max(64, s.T), dropout=0.0)).train()
+    return pglm_steps(model, s, batch)
 
 
 def gpt2(s: Size):
@@ -86,14 +91,7 @@ def gpt2(s: Size):
 def pglm_gpt2_setup(s: Size, batch: Batch):
     """pglm's training step on the very same GPT2LMHeadModel (`pglm pretrain --model hf:DIR`): same
     architecture and weights as the peer, so the ratio is the training step's own."""
-    model = wrap_hf(gpt2(s)).train()
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
-
-    def run():
-        for _ in range(s.steps):
-            mle_step(model, optimizer, [batch], grad_clip=1.0)
-
-    return model, run
+    return pglm_steps(wrap_hf(gpt2(s)).train(), s, batch)
 
 
 def hf_setup(s: Size, batch: Batch):
