@@ -2,7 +2,7 @@
 
 Absolute times on a shared CPU drift by 10-15 % between runs, so every benchmark times pglm and
 its peer interleaved (A B A B ...) in one process and reports medians and their ratio
-(shared/DESIGN.md, "Performance: how it is measured").
+(docs/design.md, "Performance: how it is measured").
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ class Size:
     T: int  # tokens per sequence (also the context)
     B: int  # sequences per step
     steps: int  # optimizer steps per timed call
-    peer_ref: str  # the peer's figure in shared/reference/trl_add2.md
+    peer_ref: str  # the peer's figure in docs/design.md, "The add2 reference measurements"
 
 
 SIZES = {

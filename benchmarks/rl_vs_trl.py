@@ -7,7 +7,7 @@
    batch 64, constant rate, fp32) until its greedy accuracy on the 500 held-out problems is 30–60 %
    (the first evaluation, every 10 steps from step 400, in that range; the transition is steep), and
    saved in Hugging Face format with its tokenizer (<pad>=0 <bos>=1 <eos>=2, digits 3..12, + 13,
-   = 14; <bos> before every prompt), as in shared/reference/trl_add2.md. Reused from --work if there.
+   = 14; <bos> before every prompt), as in the add2 reference of docs/design.md. Reused from --work if there.
 2. Interleaved (TRL, pglm, TRL, pglm, ...), `--repeats` times, each a fresh run of `--steps` steps from
    that checkpoint with matched settings: 8 prompts × 8 completions, at most 4 new tokens,
    temperature 1, fp32, constant learning rate `--lr`, no KL (β = 0), one update per batch. Reported:

@@ -2,7 +2,7 @@
 
 The whole chain on add2 with a flawed teacher: on most problems with a carry from the units digit,
 the teacher forgets the carry ("37+45=72"), one fixed answer per problem; everything else it gets
-right (setting measured in shared/reference/trl_add2.md, "the flawed teacher").
+right (setting measured in docs/design.md, "The flawed teacher").
 
  1. Maximum likelihood on the teacher's solved problems, until the model does what the teacher does
     right: greedy accuracy ≥ 0.95 on no-carry problems set aside from the training pairs (a signal
@@ -54,7 +54,7 @@ class DemoConfig:
     signal_every: int = 50  # steps between checks of the stopping signal
     signal_threshold: float = 0.95  # no-carry greedy accuracy that ends phase 1
     rl_steps: int = 400  # phase 2 steps
-    rl_lr: float = 1e-4  # with a 50-step warm-up (trl_add2.md: learned steadily; 3e-4 without warm-up collapsed)
+    rl_lr: float = 1e-4  # with a 50-step warm-up (docs/design.md: learned steadily; 3e-4 without warm-up collapsed)
     rl_warmup: int = 50
     prompts_per_step: int = 16
     group_size: int = 8

@@ -1,7 +1,7 @@
 """The one exception type that means "the user asked for something we cannot do".
 
-The CLI turns a `UserError` into a single line on stderr and exit code 2 (DESIGN.md, command line
-contract). Everything else is an internal error: a traceback and exit code 1.
+The CLI turns a `UserError` into a single line on stderr and exit code 2 (docs/design.md, "Command line
+contract"). Everything else is an internal error: a traceback and exit code 1.
 """
 
 

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 import torch
 
 from pglm.data import Batch
-from pglm.pg.logprobs import chunk_positions, token_logprobs
 
 
 @torch.no_grad()
@@ -16,29 +15,33 @@ def evaluate_lm(model, batches: Iterable[Batch], device="cpu", autocast=None) ->
     """Token-weighted mean negative log-likelihood over the masked targets of `batches`.
 
     val_loss is in nats per token, val_ppl = exp(val_loss), val_token_acc the fraction of targets
-    that are the model's most likely next token.
+    that are the model's most likely next token. With several processes, batch i is scored on rank
+    i mod W and the sums are added over ranks; every rank runs as many forwards (a rank with no batch
+    left scores one with weight 0), since under FSDP2 each forward is a collective.
     """
-    was_training = model.training
-    model.eval()
-    nll, correct, count = 0.0, 0, 0
-    for batch in batches:
-        batch = batch.to(device)
+    from pglm import dist
+    from pglm.models.policy import Policy
+
+    policy = model if isinstance(model, Policy) else Policy(model)
+    was_training = policy.training
+    policy.eval()
+    batches = list(batches)
+    W, r = dist.world_size(), dist.rank()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # Σ nll, Σ correct, Σ tokens
+    for k in range(-(-len(batches) // W)):  # ⌈n / W⌉ rounds of one batch per rank
+        i = k * W + r
+        batch = batches[min(i, len(batches) - 1)].to(device)
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            h = model.features(batch.x)  # (B, T, C)
-            # lm_head a chunk of positions at a time, as in training (head_logprobs): a large vocabulary
-            # never puts the whole batch's (B, T, V) logits in memory at once
-            step = chunk_positions(h.shape[0], model.lm_head.weight.shape[0])
-            for s in range(0, h.shape[1], step):
-                logits = model.lm_head(h[:, s : s + step])  # (B, chunk, V)
-                y, m = batch.y[:, s : s + step], batch.mask[:, s : s + step]
-                nll -= token_logprobs(logits, y)[m].double().sum().item()
-                correct += (logits.argmax(-1) == y)[m].sum().item()
-        count += int(batch.mask.sum())
-    model.train(was_training)
+            stats = policy.lm_stats(batch.x, batch.y, batch.mask)  # (3,)
+        if i < len(batches):
+            totals += stats
+    nll, correct, count = dist.all_sum(totals).tolist()
+    policy.train(was_training)
     if count == 0:
         return {"val_loss": float("nan"), "val_ppl": float("nan"), "val_token_acc": float("nan"), "val_tokens": 0}
     loss = nll / count
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_token_acc": correct / count, "val_tokens": count}
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_token_acc": correct / count,
+            "val_tokens": int(count)}
 
 
 @torch.no_grad()
@@ -49,8 +52,13 @@ def evaluate_task(model, tokenizer, task, *, samples: int = 0, temperature: floa
     pass@k uses the unbiased estimator of Chen et al. (2021) over the sampled completions only (the
     greedy one is not among them), for k = 1, 2, 4, ... up to `samples`.
     """
+    from pglm import dist
     from pglm.sampling import complete
     from pglm.tasks.base import pass_at_k
+
+    # Every rank evaluates every problem (the same figures everywhere); under FSDP2 the decode loops
+    # must then also end at the same step on every rank.
+    sync = {"all_finished": dist.all_ranks} if dist.world_size() > 1 else {}
 
     rows = task.heldout()[:limit]
     was_training = model.training
@@ -60,11 +68,11 @@ def evaluate_task(model, tokenizer, task, *, samples: int = 0, temperature: floa
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         prompts = [r["prompt"] for r in chunk]
-        _, texts = complete(model, tokenizer, prompts, task.max_new_tokens, greedy=True)
+        _, texts = complete(model, tokenizer, prompts, task.max_new_tokens, greedy=True, **sync)
         greedy_correct += [r == 1.0 for r in task.reward(prompts, texts)]
         if samples:
             _, texts = complete(model, tokenizer, prompts, task.max_new_tokens, temperature=temperature,
-                                group_size=samples, generator=gen)
+                                group_size=samples, generator=gen, **sync)
             ok = task.reward([p for p in prompts for _ in range(samples)], texts)
             sample_correct += [sum(ok[j * samples : (j + 1) * samples]) for j in range(len(chunk))]
     model.train(was_training)

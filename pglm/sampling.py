@@ -2,13 +2,13 @@
 
 Prompts of different lengths are left-padded; `n_pad` tells the model how many pads each row has,
 so positions and attention are those of the unpadded prompt (the bug TRL has with GPT-2, see
-shared/reference/trl_add2.md). The prompt is prefilled once; with `group_size` G the prefilled cache
-is repeated G times, so the G samples of a group share one prefill.
+docs/design.md, "What went wrong in TRL", 1). The prompt is prefilled once; with `group_size` G the
+prefilled cache is repeated G times, so the G samples of a group share one prefill.
 
 The sampler records log π(token) for every sampled token, where π = softmax(logits / τ) over the
 whole vocabulary, the same distribution `pglm.pg.logprobs.token_logprobs` scores. With top-k or
 top-p the token is drawn from the truncated distribution but its recorded log-prob is still the
-untruncated one: policy-gradient code that samples with top-k/top-p is off-policy (estimators.md §2.7).
+untruncated one: policy-gradient code that samples with top-k/top-p is off-policy (docs/estimators.md §2.7).
 Policy-gradient training samples with neither.
 """
 
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from pglm.errors import UserError
 from pglm.pg.losses import token_entropy
@@ -77,10 +79,24 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: the first token whose cumulative probability exceeds u·total.
+
+    probs (B, V) unnormalised and ≥ 0, u (B,) uniform in [0, 1) -> tokens (B,). Each row's token is a
+    function of that row's probabilities and uniform alone, so a row draws the same token whatever
+    batch it is in: how a rollout is split over ranks or chunks cannot change what is sampled. A
+    zero-probability token is never drawn (its cumulative sum does not rise past u·total).
+    """
+    cdf = probs.cumsum(-1)  # (B, V)
+    target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]  # (B, 1), strictly below the total
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
+
+
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_k, top_p, greedy: bool, generator
+    logits: torch.Tensor, temperature: float, top_k, top_p, greedy: bool, u: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token (B,), its log-prob under softmax(logits/τ) (B,)) from next-token logits (B, V)."""
+    """(token (B,), its log-prob under softmax(logits/τ) (B,)) from next-token logits (B, V) and one
+    uniform per row u (B,) (unused when greedy)."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     tau = temperature if temperature > 0 else 1.0  # greedy at τ = 0: report the log-prob at τ = 1
@@ -89,11 +105,10 @@ def sample_next(
     if greedy:
         token = logits.argmax(-1)
     elif top_k is None and top_p is None:
-        token = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+        token = draw_from(logp_all.detach().exp(), u)
     else:
         # Draw from the truncated distribution; the recorded log-prob stays the untruncated one (module docstring).
-        probs = filter_logits(logp_all, top_k, top_p).softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = draw_from(filter_logits(logp_all.detach(), top_k, top_p).softmax(-1), u)
     logp = logp_all.gather(-1, token[:, None])[:, 0]
     return token, logp
 
@@ -121,12 +136,19 @@ def _generate(
     greedy: bool = False,
     group_size: int = 1,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
     stop: Callable[[list[int]], bool] | None = None,
     use_cache: bool = True,
     with_entropy: bool = False,
+    all_finished: Callable[[bool], bool] | None = None,
 ) -> Generation:
-    """`stop(ids)` may end a row early (stop strings); `use_cache=False` recomputes the whole sequence
-    at every step: slower, and kept as the reference the cached path is tested against.
+    """`uniforms` (B, ≥ max_new_tokens): the uniform each row's token t is drawn with (inverse CDF,
+    `draw_from`); without it they are drawn from `generator`. Policy-gradient rollouts pass one block
+    per group, drawn from that group's own generator (pglm.train.rl), so the samples do not depend on
+    the batch. `stop(ids)` may end a row early (stop strings); `use_cache=False` recomputes the whole
+    sequence at every step: slower, and kept as the reference the cached path is tested against.
+    `all_finished(local)` turns "every row here has ended" into the same answer on every rank, so ranks
+    whose forwards are collectives (FSDP2) run the same number of decode steps.
     """
     if temperature <= 0 and not greedy:
         raise UserError("--temperature must be > 0; use --greedy for the most likely token")
@@ -152,6 +174,13 @@ def _generate(
     # would put a CopySlices node (a clone of the whole gradient) in backward for every token.
     logprobs: list[torch.Tensor] = []  # N × (B,)
     entropy: list[torch.Tensor] | None = [] if with_entropy else None  # N × (B,)
+    if uniforms is None and not greedy:
+        uniforms = torch.rand(B, N, generator=generator, device=generator.device if generator else "cpu",
+                              dtype=torch.float64)
+    if uniforms is not None:
+        if uniforms.shape[0] != B or uniforms.shape[1] < N:
+            raise ValueError(f"uniforms {tuple(uniforms.shape)} do not cover {B} rows × {N} tokens")
+        uniforms = uniforms.to(device)
     response_mask = torch.zeros(B, N, dtype=torch.bool, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
@@ -164,7 +193,7 @@ def _generate(
     for t in range(N):
         if not use_cache:
             logits = model(tokens[:, : P + t], n_pad=n_pad)[:, -1]  # (B, V)
-        token, logp = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+        token, logp = sample_next(logits, temperature, top_k, top_p, greedy, None if greedy else uniforms[:, t])
         if entropy is not None:
             with torch.no_grad():
                 entropy.append(token_entropy(logits, temperature if temperature > 0 else 1.0).masked_fill(finished, 0.0))
@@ -173,7 +202,7 @@ def _generate(
         tokens[:, P + t] = token
         # `alive`, not `finished`: autograd saves the mask, and `finished` is updated in place below
         logprobs.append(torch.where(alive, logp, 0.0).to(logp_dtype))
-        response_mask[:, t] = alive  # eos is inside the mask (estimators.md §2.5)
+        response_mask[:, t] = alive  # eos is inside the mask (docs/estimators.md §2.5)
         finished |= token == eos_id  # an ended row's pad changes nothing: it has ended already
         if stop is not None:
             for i in alive.nonzero().flatten().tolist():
@@ -181,7 +210,10 @@ def _generate(
                     finished[i] = True
         # One host sync per token; on CPU it costs microseconds (measured, docs/benchmarks.md), and it
         # ends the loop as soon as every row has ended.
-        if bool(finished.all()):
+        done = bool(finished.all())
+        if all_finished is not None:
+            done = all_finished(done)
+        if done:
             tokens, response_mask = tokens[:, : P + t + 1], response_mask[:, : t + 1]
             break
         if use_cache and t + 1 < N:  # the last token sampled needs no forward pass of its own
@@ -195,11 +227,31 @@ def _columns(cols: list[torch.Tensor], B: int, device, dtype) -> torch.Tensor:
     return torch.stack(cols, dim=1) if cols else torch.zeros(B, 0, device=device, dtype=dtype)
 
 
+def concat_generations(gens: list[Generation], pad_id: int) -> Generation:
+    """One Generation of the rows of several (a rollout sampled in chunks): prompts re-padded on the
+    left to the widest, responses on the right to the longest, so every row reads as before."""
+    if len(gens) == 1:
+        return gens[0]
+    P = max(g.prompt_len for g in gens)
+    N = max(g.response_mask.shape[1] for g in gens)
+
+    def cat(parts, value=0):
+        return torch.cat([F.pad(x, (0, N - x.shape[1]), value=value) for x in parts])
+
+    return Generation(
+        torch.cat([F.pad(g.tokens, (P - g.prompt_len, N - g.response_mask.shape[1]), value=pad_id) for g in gens]),
+        torch.cat([g.n_pad + (P - g.prompt_len) for g in gens]), P,
+        cat([g.response_mask for g in gens], False), cat([g.logprobs for g in gens]),
+        torch.cat([g.finished for g in gens]),
+        None if gens[0].entropy is None else cat([g.entropy for g in gens]),
+    )
+
+
 def completion_text(tokenizer, ids: list[int]) -> str:
     """The text a reward sees: the response up to (not including) eos, special tokens kept.
 
     Decoding with special tokens skipped would make a generated <pad> or <bos> vanish from the text
-    the reward judges (shared/reference/trl_add2.md, "what went wrong in TRL", 4).
+    the reward judges (docs/design.md, "What went wrong in TRL", 4).
     """
     if ids and ids[-1] == tokenizer.eos_id:
         ids = ids[:-1]
@@ -209,6 +261,9 @@ def completion_text(tokenizer, ids: list[int]) -> str:
 def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, **kwargs) -> tuple[Generation, list[str]]:
     """Text prompts in (each as `tokenizer.prompt_ids`: <bos> prompt), the generation and the text a reward sees of every row
     out; with group_size G, rows i·G .. i·G + G − 1 are prompt i's samples. kwargs go to `generate`."""
+    from pglm.models.policy import Policy
+
     ids = [tokenizer.prompt_ids(p) for p in prompts]
-    g = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kwargs)
+    sample = model.generate if isinstance(model, Policy) else partial(generate, model)  # FSDP2 needs the former
+    g = sample(ids, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kwargs)
     return g, [completion_text(tokenizer, response) for response in g.all_response_ids()]

@@ -1,4 +1,4 @@
-"""Exact expected gradients of pglm's estimators on an enumerable toy (estimators.md §3, Tier 0).
+"""Exact expected gradients of pglm's estimators on an enumerable toy (docs/estimators.md §3, Tier 0).
 
 Toy: vocabulary {a, b, EOS}, at most 3 tokens. A response stops at EOS or after 3 tokens:
 1 + 2 + 4 = 7 responses end in EOS and 2³ = 8 are truncated, 15 per prompt. Two prompts; tabular

@@ -1,4 +1,4 @@
-"""Monte-Carlo tier of the estimator tests (estimators.md §3, Tier 1): through the library's own sampler.
+"""Monte-Carlo tier of the estimator tests (docs/estimators.md §3, Tier 1): through the library's own sampler.
 
 Where tests/test_pg_exact.py checks the estimators' algebra on a tabular policy, this file runs the
 whole training-time path on real (tiny, float64) models: `pglm.sampling.generate` (left padding, KV

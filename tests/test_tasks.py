@@ -1,4 +1,4 @@
-"""Built-in tasks: the add2 contract of DESIGN.md, disjoint held-out sets, rewards, pass@k by hand."""
+"""Built-in tasks: the add2 contract of docs/design.md, disjoint held-out sets, rewards, pass@k by hand."""
 
 import random
 

@@ -3,7 +3,7 @@
 Verbs live by stage: train.py (prepare, pretrain, sft), rl.py (rl), apply.py (eval, generate, chat,
 plot); flags.py holds the flag groups they share.
 
-Exit codes (DESIGN.md): 0 success, 2 a user error (one line on stderr naming the problem and the
+Exit codes (docs/design.md): 0 success, 2 a user error (one line on stderr naming the problem and the
 fix, no traceback), 1 an internal error, 130 interrupted by Ctrl-C (after saving a checkpoint).
 """
 
@@ -17,6 +17,7 @@ from pglm import __version__
 from pglm.cli.apply import cmd_chat, cmd_eval, cmd_export, cmd_generate, cmd_plot
 from pglm.cli.demo import cmd_demo
 from pglm.cli.flags import (
+    add_dist_flag,
     add_hf_flags,
     add_model_flags,
     add_sampling_flags,
@@ -115,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out problems (default all)")
     p.add_argument("--ckpt-every", type=int, help=f"steps between checkpoints (default {d.ckpt_every})")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per forward/backward (gradient accumulation "
+                   "inside a minibatch; default: the whole minibatch)")
+    p.add_argument("--rollout-batch-size", type=int, help="sequences generated at once, whole groups "
+                   "(default: the whole rollout)")
     p.add_argument("--device", help="auto | cpu | cuda")
+    add_dist_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -170,13 +176,23 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (already printed as one line)
         return int(e.code or 0)
+    from pglm import dist
+    from pglm.dist import SharedUserError
+
     try:
         args.func(args)
         return 0
     except UserError as e:
-        print(f"pglm {args.command}: error: {e}", file=sys.stderr)
+        # With several processes rank 0 says what every rank agreed on; another rank speaks only of
+        # an error of its own.
+        if dist.is_main():
+            print(f"pglm {args.command}: error: {e}", file=sys.stderr)
+        elif not isinstance(e, SharedUserError):
+            print(f"pglm {args.command}: error (rank {dist.rank()}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if not dist.is_main():
+            return 130
         out = getattr(args, "out", None)
         if args.command == "demo":
             pass  # cmd_demo has said what was saved and how to go on
@@ -187,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pglm.errors import UserError
 def cmd_eval(args):
     import tempfile
 
+    from pglm import dist
     from pglm.data import (
         encode_to_file,
         load_tokens,
@@ -25,11 +26,12 @@ def cmd_eval(args):
     )
     from pglm.evaluate import evaluate_lm
     from pglm.runs import load_run
-    from pglm.train.mle import resolve_device
 
     if (args.data is None) == (args.task is None):
         raise UserError("pass --data FILE (loss, perplexity) or --task NAME (accuracy, pass@k)")
-    device = resolve_device(args.device)
+    # Under torchrun the batches of --data are shared out over the ranks (evaluate_lm sums the figures);
+    # --task evaluates every problem on every rank. Rank 0 prints and writes.
+    device = dist.init(args.device, None)
     if args.task:
         from pglm.evaluate import evaluate_task
         from pglm.tasks import get_task
@@ -41,6 +43,8 @@ def cmd_eval(args):
         check_task_tokenizer(run.tokenizer, task, args.ckpt)
         result = {"ckpt": str(run.ckpt_dir), "task": task.name,
                   **evaluate_task(run.model, run.tokenizer, task, samples=args.samples, temperature=args.temperature)}
+        if not dist.is_main():
+            return
         print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                              for k, v in result.items()))
         if args.out:
@@ -65,6 +69,8 @@ def cmd_eval(args):
             tokens = load_tokens(Path(tmp) / "eval.bin", __import__("numpy").dtype(token_dtype(tok.vocab_size)).name)
             result = evaluate_lm(run.model, sequential_windows(tokens, args.batch_size, T), device)
     result = {"ckpt": str(run.ckpt_dir), "data": args.data, **result}
+    if not dist.is_main():
+        return
     if args.json:
         print(json.dumps(result))
     else:

@@ -93,11 +93,17 @@ def add_train_flags(p):
     g.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
+    add_dist_flag(g)
     g.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (pip install 'pglm[tb]')")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--out", required=True, help="run directory to write")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+
+def add_dist_flag(g):
+    g.add_argument("--dist", help="under torchrun: ddp (default: every rank holds the model) | fsdp2 (each rank "
+                   "holds a shard of the weights, gradients and optimizer state); docs/distributed.md")
 
 
 def train_config(args):

@@ -12,10 +12,13 @@ from pglm.errors import UserError
 
 
 def cmd_rl(args):
+    import contextlib
     from dataclasses import fields as dc_fields
 
+    from pglm import dist
     from pglm.cli.flags import apply_lora
     from pglm.data import read_prompt_rows, render_prompts
+    from pglm.models.policy import POLICY_METHODS, Policy
     from pglm.pg.advantages import MovingBaseline
     from pglm.pg.presets import describe, get_preset
     from pglm.rewards.loader import load_rewards
@@ -23,7 +26,6 @@ def cmd_rl(args):
     from pglm.tasks import get_task
     from pglm.train.checkpoint import load_optimizer, load_weights, opened_run_dir, read_json, write_json
     from pglm.train.metrics import MetricsLog
-    from pglm.train.mle import resolve_device
     from pglm.train.rl import (
         RLConfig,
         ValueHead,
@@ -54,7 +56,11 @@ def cmd_rl(args):
         cfg = RLConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
         source = {"task": args.task, "prompts": args.prompts, "reward": args.reward, "reward_weight": args.reward_weight}
     preset = get_preset(cfg.algo)
+    device = dist.init(cfg.device, args.dist)
     check_shapes(preset, cfg)
+    if dist.sharded_mode(args.dist) and args.lora_r:
+        raise UserError("--dist fsdp2 with --lora-r is not supported yet; use --dist ddp (LoRA's optimizer state "
+                        "is small, so every rank can hold it)")
 
     # What to learn from: a built-in task, or prompts and reward functions of the user's.
     task = get_task(source["task"]) if source["task"] else None
@@ -68,8 +74,10 @@ def cmd_rl(args):
     if N is None:
         raise UserError("--prompts needs --max-new-tokens N: how long a completion may be")
 
-    device = resolve_device(cfg.device)
-    with opened_run_dir(args.out, args.resume, args.overwrite) as out:
+    # Every rank runs the set-up below; only rank 0 touches the run directory.
+    run_dir = opened_run_dir(args.out, args.resume, args.overwrite) if dist.is_main() else \
+        contextlib.nullcontext(Path(args.out))
+    with dist.agreed_errors(), run_dir as out:
         if args.resume:
             init = load_run(out, device)
         else:
@@ -93,13 +101,11 @@ def cmd_rl(args):
         value_head = ValueHead(model.config.d_model).to(device) if preset.advantage == "gae" else None
         baseline = MovingBaseline() if preset.advantage == "moving" else None
         lr = cfg.lr if cfg.lr is not None else preset.lr
-        optimizer = make_rl_optimizer(model, value_head, lr, cfg)
+        if args.resume and value_head is not None:
+            load_weights(value_head, init.ckpt_dir, "value_head")
         if args.resume:
             state = read_json(init.ckpt_dir / "state.json")
             start = int(state["step"])
-            load_optimizer(optimizer, init.ckpt_dir)
-            if value_head is not None:
-                load_weights(value_head, init.ckpt_dir, "value_head")
             if baseline is not None and "baseline" in state:
                 baseline.load_state_dict(state["baseline"])
             ref_model = None
@@ -108,19 +114,31 @@ def cmd_rl(args):
                     load_run(config["init"], device, trust_remote_code=getattr(model.config, "trust_remote_code", False)).model
             metrics = MetricsLog(out, resume_step=start, elapsed=state.get("elapsed", 0.0))
             config["rl"] = asdict(cfg)
-            write_json(out / "config.json", config)
+            if dist.is_main():
+                write_json(out / "config.json", config)
         else:
             start = 0
             ref_model = reference_model(model) if cfg.beta > 0 else None  # loaded only when β > 0
             config = {"pglm_version": __version__, "command": "rl", "init": str(init.ckpt_dir),
                       "model": asdict(model.config), "rl": asdict(cfg), "source": source,
                       "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}
-            tokenizer.save(out / "tokenizer.json")
-            write_json(out / "config.json", config)
+            if dist.is_main():
+                tokenizer.save(out / "tokenizer.json")
+                write_json(out / "config.json", config)
             metrics = MetricsLog(out)
-    print(describe(preset, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
-    print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} sample{'s' if cfg.group_size > 1 else ''} per step, lr {lr:g}, {cfg.steps} steps "
-          f"from {config['init']} → {out}", file=sys.stderr)
+    # The one module training calls (DDP or FSDP2 of it under torchrun), and its optimizer after it.
+    model = dist.wrap(Policy(model, value_head), args.dist, device, POLICY_METHODS)
+    optimizer = make_rl_optimizer(model, None, lr, cfg)
+    if args.resume:
+        load_optimizer(optimizer, init.ckpt_dir, model)
+    if ref_model is not None and dist.sharded(model):  # sharded like the policy
+        ref_model = dist.wrap(Policy(ref_model), args.dist, device)
+    if dist.is_main():
+        print(describe(preset, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
+        print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} sample{'s' if cfg.group_size > 1 else ''} per step, "
+              f"lr {lr:g}, {cfg.steps} steps from {config['init']} → {out}"
+              + (f", {dist.world_size()} processes ({args.dist or 'ddp'})" if dist.world_size() > 1 else ""),
+              file=sys.stderr)
     evaluator = None
     if task is not None:
         from pglm.evaluate import evaluate_task
@@ -130,6 +148,6 @@ def cmd_rl(args):
                                  limit=cfg.eval_limit, seed=cfg.seed)
 
     final = train_rl(model, tokenizer, preset, cfg, draw_rows, reward_fn, evaluator, N, out, optimizer,
-                     value_head=value_head, ref_model=ref_model, baseline=baseline, start_step=start,
-                     metrics=metrics, progress=not args.quiet)
+                     ref_model=ref_model, baseline=baseline, start_step=start, metrics=metrics,
+                     progress=not args.quiet)
     finish_run(out, {"train": {"steps": cfg.steps}, **config}, final, metrics, "rl")

@@ -27,14 +27,25 @@ def start_run(args, command: str, prepare):
     """Create or resume a run directory; returns (out, run_config, tokenizer, model, optimizer, start_step, metrics).
 
     `prepare(out)` builds a new run's tokenizer, data and model config: (tokenizer, data_info, ModelConfig).
+    `model` is the Policy the loop trains, wrapped by DDP or FSDP2 under torchrun (`pglm.dist.wrap`).
+    With several processes rank 0 creates the run and the others then read it back: the run
+    directory must be on a file system every node sees (docs/distributed.md).
     """
     import torch
 
-    from pglm.models import build_model, count_params
+    from pglm import dist
+    from pglm.models import build_model, config_from_dict, count_params
+    from pglm.models.policy import POLICY_METHODS, Policy
     from pglm.runs import load_run
+    from pglm.tokenizers import load_tokenizer
     from pglm.train.checkpoint import load_optimizer, opened_run_dir, prepare_out_dir, read_json, write_json
     from pglm.train.metrics import MetricsLog
-    from pglm.train.mle import TrainConfig, make_optimizer, resolve_device
+    from pglm.train.mle import TrainConfig, make_optimizer
+
+    def wrapped_and_optimizer(model, train_cfg, device):
+        model.to(device).train()
+        wrapped = dist.wrap(Policy(model), args.dist, device, POLICY_METHODS)
+        return wrapped, make_optimizer(wrapped, train_cfg)
 
     if args.resume:
         out = prepare_out_dir(args.out, resume=True, overwrite=args.overwrite)
@@ -45,49 +56,64 @@ def start_run(args, command: str, prepare):
         if args.steps is not None:  # the one setting a resume may change: train for longer
             train_cfg.steps = args.steps
             config["train"] = asdict(train_cfg)
+        device = dist.init(train_cfg.device, args.dist)
         loaded = load_run(out)
-        model, tokenizer = loaded.model, loaded.tokenizer
+        tokenizer = loaded.tokenizer
         state = read_json(loaded.ckpt_dir / "state.json")
         start_step = int(state["step"])
-        device = resolve_device(train_cfg.device)
-        model.to(device).train()
-        optimizer = make_optimizer(model, train_cfg)
-        load_optimizer(optimizer, loaded.ckpt_dir)
+        model, optimizer = wrapped_and_optimizer(loaded.model, train_cfg, device)
+        load_optimizer(optimizer, loaded.ckpt_dir, model)
         metrics = MetricsLog(out, resume_step=start_step, elapsed=state.get("elapsed", 0.0), tensorboard=train_cfg.tensorboard)
-        write_json(out / "config.json", config)
-        print(f"resuming {out} at step {start_step} of {train_cfg.steps}", file=sys.stderr)
+        if dist.is_main():
+            write_json(out / "config.json", config)
+            saved_world = state.get("world_size", 1)
+            print(f"resuming {out} at step {start_step} of {train_cfg.steps}"
+                  + (f" (saved by {saved_world} processes, resumed by {dist.world_size()})"
+                     if saved_world != dist.world_size() else ""), file=sys.stderr)
         return out, config, tokenizer, model, optimizer, start_step, metrics
 
     if not args.data and not getattr(args, "task", None):
         raise UserError(f"pglm {command} needs --data (or --resume to continue the run in --out)")
     train_cfg = train_config(args)
-    with opened_run_dir(args.out, overwrite=args.overwrite) as out:
-        tokenizer, data_info, model_cfg, model = prepare(out)
-        torch.manual_seed(train_cfg.seed)  # initialisation
-        if model is None:
-            model = build_model(model_cfg)
-        device = resolve_device(train_cfg.device)
-        model.to(device).train()
-        config = {
-            "pglm_version": __version__,
-            "command": command,
-            "model": asdict(model_cfg if model_cfg is not None else model.config),
-            "train": asdict(train_cfg),
-            "data": data_info,
-            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
-            "n_params": count_params(model),
-        }
-        tokenizer.save(out / "tokenizer.json")
-        write_json(out / "config.json", config)
-        optimizer = make_optimizer(model, train_cfg)
-        metrics = MetricsLog(out, tensorboard=train_cfg.tensorboard)
-    cfg = model.config
-    print(
-        f"{command}: {cfg.arch} {config['n_params']:,} parameters{trainable_note(model)} ({cfg.n_layer} layers, width {cfg.d_model}, "
-        f"context {cfg.block_size}), {tokenizer.kind} tokenizer with {tokenizer.vocab_size:,} tokens, "
-        f"{train_cfg.steps} steps → {out}",
-        file=sys.stderr,
-    )
+    device = dist.init(train_cfg.device, args.dist)
+    model = None
+    with dist.agreed_errors():  # rank 0 sets the run up; a failure there ends every rank
+        if dist.is_main():
+            with opened_run_dir(args.out, overwrite=args.overwrite) as out:
+                tokenizer, data_info, model_cfg, model = prepare(out)
+                torch.manual_seed(train_cfg.seed)  # initialisation
+                if model is None:
+                    model = build_model(model_cfg)
+                config = {
+                    "pglm_version": __version__,
+                    "command": command,
+                    "model": asdict(model_cfg if model_cfg is not None else model.config),
+                    "train": asdict(train_cfg),
+                    "data": data_info,
+                    "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+                    "n_params": count_params(model),
+                }
+                tokenizer.save(out / "tokenizer.json")
+                write_json(out / "config.json", config)
+                metrics = MetricsLog(out, tensorboard=train_cfg.tensorboard)
+    if not dist.is_main():  # the same run, read back; rank 0's weights reach every rank in dist.wrap
+        from pathlib import Path
+
+        out = Path(args.out)
+        config = read_json(out / "config.json")
+        tokenizer = load_tokenizer(out / "tokenizer.json")
+        model = build_model(config_from_dict(config["model"]))
+        metrics = MetricsLog(out)  # writes nothing off rank 0
+    model, optimizer = wrapped_and_optimizer(model, train_cfg, device)
+    cfg = model.config if hasattr(model, "config") else model.module.config
+    if dist.is_main():
+        print(
+            f"{command}: {cfg.arch} {config['n_params']:,} parameters{trainable_note(model)} ({cfg.n_layer} layers, width {cfg.d_model}, "
+            f"context {cfg.block_size}), {tokenizer.kind} tokenizer with {tokenizer.vocab_size:,} tokens, "
+            f"{train_cfg.steps} steps → {out}" + (f", {dist.world_size()} processes ({args.dist or 'ddp'})"
+                                                   if dist.world_size() > 1 else ""),
+            file=sys.stderr,
+        )
     return out, config, tokenizer, model, optimizer, 0, metrics
 
 
@@ -98,8 +124,12 @@ def trainable_note(model) -> str:
 
 
 def finish_run(out, config, final_eval, metrics, command):
+    from pglm import dist
     from pglm.plots import plot_run
     from pglm.train.checkpoint import write_json
+
+    if not dist.is_main():  # only rank 0 writes
+        return
 
     summary = {"command": command, "steps": config["train"]["steps"], "wall_time_s": round(metrics.elapsed(), 2),
                "n_params": config.get("n_params"), **final_eval}
@@ -156,6 +186,7 @@ def train_config_of(config):
 def cmd_sft(args):
     import random
 
+    from pglm import dist
     from pglm.data import read_sft, sft_batch, sft_example
     from pglm.tasks import get_task
     from pglm.train.mle import train_mle
@@ -228,9 +259,11 @@ def cmd_sft(args):
                       start_step=start, metrics=metrics, progress=not args.quiet)
     if task is not None:
         from pglm.evaluate import evaluate_task
+        from pglm.models.policy import policy_of
 
-        final = {**final, **{f"task_{k}": v for k, v in evaluate_task(model, tokenizer, task).items()}}
-        print(f"{task.name}: greedy accuracy {final['task_accuracy']:.3f} on {final['task_n_prompts']} held-out problems")
+        final = {**final, **{f"task_{k}": v for k, v in evaluate_task(policy_of(model), tokenizer, task).items()}}
+        if dist.is_main():
+            print(f"{task.name}: greedy accuracy {final['task_accuracy']:.3f} on {final['task_n_prompts']} held-out problems")
     finish_run(out, config, final, metrics, "sft")
 
 

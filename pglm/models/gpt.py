@@ -11,7 +11,7 @@ row alone. Rotary scores depend only on position differences, so the restart cha
 by rounding alone; it matters because it keeps a padded row within the block_size positions the model
 was trained on, and it is the rule that models with absolute positions need: Hugging Face TRL scores
 left-padded GPT-2 rows with positions arange(T) while `generate` sampled them with cumsum(mask) - 1,
-and the two policies differ (shared/reference/trl_add2.md, "What went wrong in TRL", item 1). Here
+and the two policies differ (docs/design.md, "What went wrong in TRL", item 1). Here
 there is one position rule, in `_plan`, for forward and for the cache alike.
 """
 

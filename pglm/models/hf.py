@@ -8,7 +8,7 @@ left-padded batches described by `n_pad`, a cache for sampling, and `lm_head`.
 Positions. A left-padded row gets position_ids = slot − n_pad (0 on the pads) and an attention mask
 that hides its pads, in scoring (`features`) and in sampling (`forward_cached`) alike, so the policy
 that is scored is the policy that sampled. TRL's scoring pass gives GPT-2 positions arange(T) while
-`generate` used cumsum(mask) − 1 (shared/reference/trl_add2.md, "What went wrong in TRL", 1); any
+`generate` used cumsum(mask) − 1 (docs/design.md, "What went wrong in TRL", 1); any
 model with absolute positions is exposed to that, and tests/test_hf.py checks both kinds here.
 
 LoRA (`add_lora`) goes through peft; the reference policy of the KL is then this very model with its

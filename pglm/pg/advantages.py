@@ -1,9 +1,10 @@
 """Advantages: what each policy-gradient estimator multiplies ∇log π by.
 
-Pure functions of tensors (STYLE.md rule 1). Sequence-level estimators take rewards (B,) and return
-advantages (B,); groups are contiguous: rows i*G .. i*G+G-1 are the G responses to one prompt.
+Pure functions of tensors (docs/design.md, code style rule 1). Sequence-level estimators take
+rewards (B,) and return advantages (B,); groups are contiguous: rows i*G .. i*G+G-1 are the G
+responses to one prompt.
 Token-level estimators take (B, T) tensors and a mask that is 1 up to and including EOS.
-Formulas and sources: shared/reference/estimators.md §1; the pitfalls they avoid: §2.
+Formulas and sources: docs/estimators.md §1; the pitfalls they avoid: §2.
 
 Advantages are constants of the loss: every function here returns a detached tensor.
 """
@@ -34,7 +35,7 @@ class MovingBaseline:
     """REINFORCE with a moving-average baseline: A_i = R_i − b_{k−1}, then b_k = α b_{k−1} + (1−α) mean(R).
 
     The baseline comes from EARLIER batches only. Folding the current batch in first makes A_i depend
-    on R_i and shrinks the expected gradient by (1 − (1−α)/B) (estimators.md §1). Ahmadian et al.
+    on R_i and shrinks the expected gradient by (1 − (1−α)/B) (docs/estimators.md §1). Ahmadian et al.
     (2024, arXiv 2402.14740) use it as a comparison point. b = 0 on the first call unless given.
     """
 
@@ -44,11 +45,13 @@ class MovingBaseline:
         self.alpha = float(alpha)
         self.b = float(b)
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """rewards (B,) -> (B,): R − b with the old b; then b is updated with this batch's mean."""
+    def advantages(self, rewards: torch.Tensor, batch_mean: float | None = None) -> torch.Tensor:
+        """rewards (B,) -> (B,): R − b with the old b; then b is updated with this batch's mean, or with
+        `batch_mean` when the batch is larger than these rewards (the whole step over several ranks)."""
         rewards = rewards.detach()
         adv = rewards - self.b  # baseline from earlier batches: independent of these rewards
-        self.b = self.alpha * self.b + (1.0 - self.alpha) * float(rewards.float().mean())
+        mean = float(rewards.float().mean()) if batch_mean is None else float(batch_mean)
+        self.b = self.alpha * self.b + (1.0 - self.alpha) * mean
         return adv
 
     def state_dict(self) -> dict:
@@ -81,7 +84,7 @@ def grpo(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: floa
       as verl (TRL uses 1e-4, OpenRLHF 1e-9, understand-r1-zero 1e-8: copy theirs for parity).
     - "batch": the Bessel std of all rewards in the batch (TRL `scale_rewards="batch"`).
     - "none": Dr. GRPO (Liu et al., arXiv 2503.20783), Â_i = R_i − mean: E[ĝ] = (G−1)/G·∇J with token-sum.
-    Std scaling re-weights prompts by 1/std (difficulty bias, estimators.md §2.2): not ∇J.
+    Std scaling re-weights prompts by 1/std (difficulty bias, docs/estimators.md §2.2): not ∇J.
 
     G = 1 gives advantage 0: a group of one has no baseline but itself. (verl falls back to mean 0,
     std 1 there, i.e. A = R: plain REINFORCE; use `reinforce` for that.)
@@ -118,19 +121,23 @@ def reinforce_pp_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma:
     return out
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False, eps: float = 1e-8) -> torch.Tensor:
+def whiten(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False, eps: float = 1e-8,
+           reduce=None) -> torch.Tensor:
     """(v − mean) / sqrt(var + eps) with mean and variance over valid tokens only; padding -> 0.
 
     values, mask (B, T) -> (B, T). `unbiased=False` is OpenRLHF's population variance; `unbiased=True`
     is verl `masked_whiten` (Bessel). Bessel with a single valid token is undefined (ROLL #475): refused.
+    `reduce(t)` sums a tensor over the pieces of a batch split across processes (pglm.dist.all_sum), so
+    the statistics are those of the whole batch; by default this tensor is the whole batch.
     """
+    reduce = reduce or (lambda t: t)
     m = mask.to(values.dtype)
-    n = m.sum()
+    v = torch.where(m.bool(), values.detach(), torch.zeros_like(values))  # padding may hold anything
+    n, total = reduce(torch.stack([m.sum(), v.sum()]))
     if n < 1 or (unbiased and n < 2):
         raise ValueError(f"cannot whiten over {int(n)} valid token(s) (unbiased={unbiased})")
-    v = torch.where(m.bool(), values.detach(), torch.zeros_like(values))  # padding may hold anything
-    mean = v.sum() / n
-    var = (((v - mean) * m) ** 2).sum() / (n - 1 if unbiased else n)
+    mean = total / n
+    var = reduce((((v - mean) * m) ** 2).sum()) / (n - 1 if unbiased else n)  # two passes, as before
     return (v - mean) * torch.rsqrt(var + eps) * m
 
 

@@ -7,7 +7,7 @@ With δ_t = ℓ_t − ℓ^ref_t and ρ_t = e^{−δ_t}, tokens sampled from π:
     k3 = ρ − 1 + δ      E_π[k3] = KL(π‖ref), ≥ 0      unbiased in value
 
 Values are one thing, gradients another (Tang & Munos, arXiv 2506.09477; "A Comedy of Estimators",
-arXiv 2512.21852; estimators.md §1 table). On-policy, per token, with ∇KL_seq = E[Σ_t ∇ℓ_t Σ_{s≥t} δ_s]:
+arXiv 2512.21852; docs/estimators.md §1 table). On-policy, per token, with ∇KL_seq = E[Σ_t ∇ℓ_t Σ_{s≥t} δ_s]:
 
 | placement                     | per-sample gradient   | expectation                                         |
 |-------------------------------|-----------------------|-----------------------------------------------------|
@@ -30,7 +30,7 @@ KINDS = ("k1", "k2", "k3")
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token KL estimate (B, T) -> (B, T); differentiable in logp, ref_logp is detached.
 
-    No clamp (verl and OpenRLHF clamp k3 to ±10; clamps change gradients, estimators.md §2.11).
+    No clamp (verl and OpenRLHF clamp k3 to ±10; clamps change gradients, docs/estimators.md §2.11).
     Mask the result before reducing it.
     """
     delta = logp - ref_logp.detach()  # (B, T)

@@ -2,9 +2,9 @@
 
 Maximum likelihood minimises −Σ log π(y_t | y_<t); every policy-gradient loss weights the same
 log π(y_t | y_<t) by an advantage. Both read it from `token_logprobs`, so the two cannot drift apart
-(STYLE.md rule 6).
+(docs/design.md, code style rule 6).
 
-Two details that the peers' users lose days to (shared/reference/estimators.md §2):
+Two details that the peers' users lose days to (docs/estimators.md §2):
 - the shift: logits at position t score the token at position t + 1 (pitfall 6);
 - the temperature: logits are divided by the sampling temperature τ for the policy, the old policy
   and the reference alike (pitfall 7).
@@ -97,7 +97,7 @@ def masked_mean_nll(logprobs: torch.Tensor, mask: torch.Tensor, n_tokens: int | 
 
     logprobs, mask (B, T). `n_tokens` is the normaliser; pass the token count of the whole optimizer
     step when a step is split into micro-batches, so that the sum over micro-batches equals the loss
-    of the whole batch (the token-mean pitfall, estimators.md §2.3). Default: this batch's count.
+    of the whole batch (the token-mean pitfall, docs/estimators.md §2.3). Default: this batch's count.
     """
     mask = mask.to(logprobs.dtype)
     if n_tokens is None:

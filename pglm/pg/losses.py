@@ -2,7 +2,7 @@
 
 A loss takes per-token log-probs (B, T) from `pglm.pg.logprobs.token_logprobs`, advantages and a
 mask (1 up to and including EOS), builds a per-token loss matrix and hands it to `aggregate`.
-Nothing here reads trainer state (STYLE.md rule 1). Formulas: shared/reference/estimators.md §1.
+Nothing here reads trainer state (docs/design.md, code style rule 1). Formulas: docs/estimators.md §1.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Rewards: built-in reward functions and the loader for user ones ("module:function", "file.py:function").
 
 Every reward follows the TRL convention `reward(prompts, completions, **columns) -> list[float]`
-(DESIGN.md); pglm calls them only through `call_reward`, which turns any fault into a UserError.
+(docs/design.md); pglm calls them only through `call_reward`, which turns any fault into a UserError.
 """
 
 from pglm.rewards.builtin import (

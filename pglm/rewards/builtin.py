@@ -1,4 +1,4 @@
-"""Built-in reward functions, in the TRL convention (DESIGN.md, "Reward functions"):
+"""Built-in reward functions, in the TRL convention (docs/design.md, "Reward functions"):
 
     def reward(prompts: list[str], completions: list[str], **columns) -> list[float]
 
@@ -76,7 +76,7 @@ def format_regex(pattern: str):
 
 
 def soft_overlong(length: int, max_len: int, cache_len: int) -> float:
-    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13; estimators.md "DAPO"):
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13; docs/estimators.md §1, "DAPO"):
     0 up to max_len - cache_len, then linear down to -1 at max_len, -1 beyond."""
     free = max_len - cache_len
     if length <= free:

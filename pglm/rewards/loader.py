@@ -8,8 +8,8 @@ The function part may be dotted (`module:Class.method`).
 
 `call_reward` is the only way the rest of pglm calls a reward: it checks what comes back and turns
 every failure into a `UserError` that names the function and the first offending sample
-(DESIGN.md: "a reward that raises, returns the wrong length, or returns NaN stops the run with a
-clear error naming the function and the offending sample").
+(docs/design.md, "Reward functions": a reward that raises, returns the wrong length, or returns NaN
+stops the run with a clear error naming the function and the offending sample).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""`add2`: two-digit addition, the built-in and benchmark task (DESIGN.md, "Built-in task add2").
+"""`add2`: two-digit addition, the built-in and benchmark task (docs/design.md, "Built-in task add2").
 
 Prompt f"{a}+{b}=" with a, b in 0..99; the correct completion is str(a+b), then EOS. Reward 1.0 when
 the completion (decoded text cut at the first EOS) stripped equals str(a+b), else 0.0; so " 12 " is
 right and "012" is wrong. The 500 held-out pairs are exactly
     random.Random(1234).sample([(a, b) for a in range(100) for b in range(100)], 500)
 in that order, and training draws uniformly from the other 9,500 pairs only, the split the peer
-figures in shared/reference/trl_add2.md use.
+figures in docs/design.md ("The add2 reference measurements") use.
 """
 
 from __future__ import annotations

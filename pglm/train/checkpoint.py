@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 from pglm.errors import UserError
 
@@ -43,23 +43,42 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path} cannot be read as JSON ({e}); the run directory may be damaged") from None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict | None = None, extra=None) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict | None = None, extra=None) -> Path | None:
     """Write checkpoints/step_{step} atomically and point `latest` at it.
 
-    `extra` maps a name to another module saved beside the model as NAME.safetensors (PPO's value head).
+    `model` is a bare module, or a Policy (possibly wrapped by DDP/FSDP2), whose language model goes to
+    model.safetensors and whose value head, if any, to value_head.safetensors. `extra` maps a name to
+    another module saved beside a bare model as NAME.safetensors. The files hold the full state, keyed
+    by parameter name, whatever the number of processes: every rank helps gather it (FSDP2 holds a
+    shard each), rank 0 writes it, so a run saved at one world size resumes at any other. state.json
+    records the world size. Returns the checkpoint directory on rank 0, None elsewhere.
     """
+    from pglm import dist
+    from pglm.models.policy import Policy
+
+    inner = dist.unwrap(model)
+    parts = {"model": inner.model, "value_head": inner.value_head} if isinstance(inner, Policy) else {"model": inner}
+    parts.update(extra or {})
+    full = dist.full_model_state(model)  # collectives first, on every rank
+    opt_state = dist.full_optimizer_state(model, optimizer) if optimizer is not None else None
+    if not dist.is_main():
+        return None
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_root.glob(".tmp-*"):  # left by a crash in the middle of an earlier write
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-{name}-"))
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) weights
-    for part, module in (extra or {}).items():
-        save_model(module, str(tmp / f"{part}.safetensors"))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    write_json(tmp / "state.json", {"step": step, **(state or {})})
+    for part, module in parts.items():
+        if module is None:
+            continue
+        prefix = f"{part}." if isinstance(inner, Policy) else ""
+        tensors = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)} if part in ("model", "value_head") \
+            else {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        save_file(_without_aliases(tensors, module), str(tmp / f"{part}.safetensors"), metadata={"format": "pt"})
+    if opt_state is not None:
+        torch.save(opt_state, tmp / "optimizer.pt")
+    write_json(tmp / "state.json", {"step": step, **(state or {}), "world_size": dist.world_size()})
     final = ckpt_root / name
     if final.exists():  # the same step written again: set the old one aside (find_checkpoint puts it
         old = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-old-{name}-"))  # back after a crash here)
@@ -72,6 +91,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, ckpt_root / "latest")
     return final
+
+
+def _without_aliases(tensors: dict[str, torch.Tensor], module) -> dict[str, torch.Tensor]:
+    """Drop the second name of a tied weight (safetensors refuses two names for one storage; loading
+    fills the alias back in, as `safetensors.torch.load_model` does), and make every tensor contiguous."""
+    first = {name for name, _ in module.named_parameters()}
+    aliases = {name for name, _ in module.named_parameters(remove_duplicate=False)} - first
+    return {k: v.contiguous() for k, v in tensors.items() if k not in aliases}
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -121,14 +148,41 @@ def load_weights(model, ckpt_dir: Path, name: str = "model") -> None:
         )
 
 
-def load_optimizer(optimizer, ckpt_dir: Path) -> None:
+def load_optimizer(optimizer, ckpt_dir: Path, model=None) -> None:
+    """Restore the optimizer of `model` (the module it was saved with: a Policy or its wrapper, or a bare
+    model) from optimizer.pt, at any world size. Reads both formats: parameter names (written since
+    checkpoints became independent of the world size) and the positions of older checkpoints."""
+    from pglm import dist
+
     file = Path(ckpt_dir) / "optimizer.pt"
     if not file.is_file():
         raise UserError(f"{file} is missing, so the run cannot resume exactly; start a new run with --init")
     try:
-        optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
-    except Exception as e:  # noqa: BLE001 — any failure here means a damaged file
-        raise UserError(f"{file} is damaged ({type(e).__name__}); use an earlier checkpoints/step_N") from None
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+        if model is None or _by_position(saved):
+            if model is not None and dist.world_size() > 1:
+                saved = _by_name(saved, optimizer, dist.unwrap(model))
+                dist.load_optimizer_state(model, optimizer, saved)
+            else:
+                optimizer.load_state_dict(saved)
+        else:
+            dist.load_optimizer_state(model, optimizer, saved)
+    except Exception as e:  # noqa: BLE001 — any failure here means a damaged file or another model
+        raise UserError(f"{file} is damaged or belongs to another model ({type(e).__name__}); use an earlier "
+                        "checkpoints/step_N, or start a new run with --init") from None
+
+
+def _by_position(saved: dict) -> bool:
+    groups = saved.get("param_groups") or [{}]
+    return bool(groups[0].get("params")) and isinstance(groups[0]["params"][0], int)
+
+
+def _by_name(saved: dict, optimizer, module) -> dict:
+    """An older, position-keyed optimizer state keyed by parameter names instead."""
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {"state": {names[i]: v for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
 
 
 def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:

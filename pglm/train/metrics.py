@@ -1,4 +1,4 @@
-"""metrics.jsonl: one JSON object per logged step (DESIGN.md, "metrics.jsonl").
+"""metrics.jsonl: one JSON object per logged step (docs/design.md, "metrics.jsonl").
 
 Every line has `step`, `phase` ("mle", "rl" or "eval") and `time` (seconds since the run started,
 counting the time of earlier sessions of a resumed run). TensorBoard gets the same numbers when asked.
@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from pglm import dist
 from pglm.errors import UserError
 
 
@@ -34,14 +35,15 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, elapsed: float = 0.0, tensorboard=False):
         self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_step is not None:  # those later lines belong to a trajectory that is about to be redone
+        self.writes = dist.is_main()  # with several processes only rank 0 writes the run directory
+        if resume_step is not None and self.writes:  # those later lines belong to a trajectory that is about to be redone
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
             os.replace(tmp, self.path)
         self.t0 = time.perf_counter() - elapsed
         self.tb = None
-        if tensorboard:
+        if tensorboard and self.writes:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -56,6 +58,8 @@ class MetricsLog:
         for k, v in values.items():
             v = float(v) if not isinstance(v, (int, str)) else v
             row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+        if not self.writes:
+            return row
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:

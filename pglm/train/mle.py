@@ -22,11 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from pglm import dist
 from pglm.data import Batch
 from pglm.evaluate import evaluate_lm
-from pglm.pg.logprobs import head_logprobs, masked_mean_nll
+from pglm.models.policy import Policy, policy_of
+from pglm.pg.logprobs import masked_mean_nll
+from pglm.rng import numpy_rng, seed_of
 from pglm.train.checkpoint import save_checkpoint
 from pglm.train.metrics import MetricsLog
 
@@ -95,8 +99,8 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def step_rng(seed: int, step: int, micro: int = 0) -> np.random.Generator:
-    """The data generator of one micro-batch: a pure function of (seed, step, micro)."""
-    return np.random.default_rng([seed, step, micro])
+    """The data generator of one micro-batch: a pure function of (seed, step, global micro-batch index)."""
+    return numpy_rng(seed, step, "data", micro)
 
 
 @contextlib.contextmanager
@@ -119,25 +123,33 @@ def stop_on_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
-def mle_step(model, optimizer, micro: list[Batch], grad_clip: float, autocast=contextlib.nullcontext):
-    """One optimizer step over the micro-batches `micro`: forward, loss, backward, clip, step.
+def mle_step(model, optimizer, micro: list[Batch], grad_clip: float, autocast=contextlib.nullcontext,
+             dropout_seeds: list[int] | None = None):
+    """One optimizer step over this rank's micro-batches `micro`: forward, loss, backward, clip, step.
 
+    `model` is a Policy, the DDP/FSDP2 wrapper of one (`pglm.dist.wrap`), or a bare language model.
     Returns (loss, grad_norm) as 0-d tensors, unsynced, so a loop that logs every k steps does not
-    wait for the device at every step. The benchmarks (benchmarks/mle_vs_hf.py) time this function.
+    wait for the device at every step; the loss is this rank's share (sum it over ranks). The
+    benchmarks (benchmarks/mle_vs_hf.py) time this function.
     """
-    # One optimizer step may be several micro-batches. The loss is normalised by the token count of
-    # the whole step, so accumulation gives the gradient of the whole batch.
-    n_tokens = sum(b.mask.sum() for b in micro).clamp(min=1)  # a tensor: no host sync
+    scorer = model if isinstance(model, (Policy, nn.parallel.DistributedDataParallel)) else Policy(model)
+    # One optimizer step may be several micro-batches on several ranks. The loss is normalised by the
+    # token count of the whole step, so accumulation and ranks give the gradient of the whole batch.
+    # DDP and FSDP2 average the ranks' gradients, hence the factor W on each rank's loss.
+    n_tokens = dist.all_sum(sum(b.mask.sum() for b in micro)).clamp(min=1)  # a tensor: no host sync at world 1
+    W = dist.world_size()
     losses = []
-    for b in micro:
-        with autocast():
-            h = model.features(b.x)  # (B, T, C)
-            logp = head_logprobs(h, model.lm_head, b.y)  # (B, T), chunked for large vocabularies
-        loss = masked_mean_nll(logp, b.mask, n_tokens)
-        loss.backward()
+    for i, b in enumerate(micro):
+        if dropout_seeds is not None:
+            torch.manual_seed(dropout_seeds[i])
+        with dist.grad_sync(scorer, i == len(micro) - 1):
+            with autocast():
+                logp, _, _ = scorer(b.x, b.y)  # (B, T), chunked over the vocabulary for large ones
+            loss = masked_mean_nll(logp, b.mask, n_tokens)
+            (loss * W if W > 1 else loss).backward()
         losses.append(loss.detach())
     clip = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(scorer.parameters(), clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return torch.stack(losses).sum(), grad_norm
@@ -162,55 +174,67 @@ def train_mle(
     evaluator(model) adds figures to each evaluation (e.g. task accuracy); stop_when(step, figures),
     asked after each evaluation, ends training there (a checkpoint follows, as at the last step).
     Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt.
+
+    `model` is a bare language model, a Policy, or (several processes) the wrapper of one made by
+    `pglm.dist.wrap` before the optimizer. Each rank takes cfg.grad_accum micro-batches of the step,
+    rank r the global ones r·grad_accum … (r + 1)·grad_accum − 1, so a world of W ranks trains on
+    what one process with W·grad_accum micro-batches trains on. Only rank 0 writes.
     """
+    if not isinstance(model, (Policy, nn.parallel.DistributedDataParallel)):
+        model = Policy(model)
+    policy = policy_of(model)
     device = next(model.parameters()).device
     autocast = autocast_for(device)
     metrics = metrics or MetricsLog(run_dir)
     model.train()
     step = start_step
     last_eval: dict = {}
+    first_micro = dist.rank() * cfg.grad_accum  # this rank's first global micro-batch of a step
 
     def checkpoint(at: int):
         save_checkpoint(run_dir, at, model, optimizer, {"elapsed": metrics.elapsed(), **last_eval})
 
     total = cfg.steps  # the last step; stop_when may bring it forward
-    bar = tqdm(total=total, initial=start_step, disable=not progress, desc="train", unit="step")
+    bar = tqdm(total=total, initial=start_step, disable=not progress or not dist.is_main(), desc="train", unit="step")
     t_log, tokens_since_log = time.perf_counter(), 0
     with stop_on_ctrl_c() as stop_requested:
         while step < total:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout noise of this step, reproducible on resume
-
-            micro = [get_batch(step_rng(cfg.seed, step, i)).to(device) for i in range(cfg.grad_accum)]
-            loss, grad_norm = mle_step(model, optimizer, micro, cfg.grad_clip, autocast)
+            ids = range(first_micro, first_micro + cfg.grad_accum)  # global micro-batch indices
+            micro = [get_batch(step_rng(cfg.seed, step, j)).to(device) for j in ids]
+            # dropout noise of each micro-batch: reproducible on resume, and the same at any world size
+            dropout_seeds = [seed_of(cfg.seed, step, "dropout", j) for j in ids]
+            loss, grad_norm = mle_step(model, optimizer, micro, cfg.grad_clip, autocast, dropout_seeds)
             step += 1
-            tokens_since_log += sum(b.x.numel() for b in micro)
+            tokens_since_log += sum(b.x.numel() for b in micro) * dist.world_size()
 
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 tok_s = tokens_since_log / max(now - t_log, 1e-9)
                 # The only host syncs of the loop: between log lines loss and grad_norm stay tensors.
-                loss, grad_norm = loss.item(), grad_norm.item()
+                loss, grad_norm = dist.all_sum(loss).item(), grad_norm.item()
                 metrics.log(step, "mle", loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 t_log, tokens_since_log = now, 0
             bar.update(1)
 
             if step % cfg.eval_every == 0 or step == total:
-                last_eval = evaluate_lm(model, val_batches(None if step == total else cfg.eval_tokens), device, autocast)
+                last_eval = evaluate_lm(policy, val_batches(None if step == total else cfg.eval_tokens), device, autocast)
                 if evaluator is not None:
-                    last_eval.update(evaluator(model))
+                    last_eval.update(evaluator(policy.model if dist.world_size() == 1 else policy))
                 metrics.log(step, "eval", **last_eval)
-                bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items() if isinstance(v, float)))
+                if dist.is_main():
+                    bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items() if isinstance(v, float)))
                 model.train()
                 t_log = time.perf_counter()  # evaluation time is not training throughput
                 if stop_when is not None and stop_when(step, last_eval):
                     total = step  # stop early: this step is now the last one
-            if step % cfg.ckpt_every == 0 or step == total or stop_requested.is_set():
+            stopping = dist.any_rank(stop_requested.is_set())  # every rank stops at the same step
+            if step % cfg.ckpt_every == 0 or step == total or stopping:
                 checkpoint(step)
-            if stop_requested.is_set() and step < total:
+            if stopping and step < total:
                 bar.close()
                 raise KeyboardInterrupt
     bar.close()

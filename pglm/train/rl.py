@@ -1,6 +1,6 @@
 """Policy-gradient tuning: the loop behind `pglm rl`.
 
-One step, in the order it happens (STYLE.md rule 5):
+One step, in the order it happens (docs/design.md, code style rule 5):
   prompts → rollout (G samples per prompt, with the sampler's log-probs) → rewards → KL to the
   reference → advantages → epochs × minibatches of (score, loss, backward, clip, step) → log.
 
@@ -9,11 +9,14 @@ Every piece of the objective is a pure function of `pglm.pg`; which pieces, is t
 
 Decisions (docs/rl.md):
 - The model is in eval mode throughout (no dropout): dropout would make the on-policy ratio differ
-  from 1 and the KL noisy (estimators.md §2.8).
+  from 1 and the KL noisy (docs/estimators.md §2.8).
 - old log-probs are the sampler's own, which equal a rescoring of the same weights (tests/test_sampling.py).
 - With one update per rollout (and no value head, and a small enough vocabulary) the rollout keeps its
   graph and the loss differentiates the sampler's log-probs: no second forward pass (`fuses_scoring`).
-- Each minibatch is one optimizer step, so its own token count is the whole-step normaliser.
+- Each minibatch is one optimizer step; its loss is normalised by the count of the whole minibatch
+  over every micro-batch and rank (`minibatch_counts`), never by a piece's own (docs/distributed.md).
+- The prompts of a step, and the samples of each group, are functions of (seed, step, global prompt
+  index) only (`group_uniforms`), so one process and N ranks, one rollout batch or many, draw the same.
 - The reward of a response cut at max_new_tokens (no eos) is kept, masked out of the loss, or
   lowered by `truncation_penalty`, per preset or flag.
 """
@@ -21,23 +24,24 @@ Decisions (docs/rl.md):
 from __future__ import annotations
 
 import copy
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pglm import dist
 from pglm.errors import UserError
+from pglm.models.policy import Policy
 from pglm.pg import advantages as adv_fns
 from pglm.pg.kl import kl_estimate
 from pglm.pg.logprobs import CHUNK_ELEMENTS, head_logprobs
-from pglm.pg.losses import aggregate, head_entropy, policy_loss, value_loss
+from pglm.pg.losses import aggregate, policy_loss, value_loss
 from pglm.pg.presets import Preset
 from pglm.rewards.loader import call_reward
-from pglm.sampling import complete
+from pglm.rng import numpy_rng, python_rng, torch_rng
+from pglm.sampling import complete, concat_generations
 from pglm.train.checkpoint import save_checkpoint
 from pglm.train.metrics import MetricsLog
 from pglm.train.mle import stop_on_ctrl_c
@@ -54,6 +58,8 @@ class RLConfig:
     beta: float = 0.0  # KL coefficient to the frozen initial model; 0 → no reference is loaded
     epochs: int = 1  # passes over each rollout (PPO-style reuse)
     minibatches: int = 1  # optimizer steps per pass
+    micro_batch_size: int | None = None  # sequences per forward/backward (gradient accumulation); None: a minibatch
+    rollout_batch_size: int | None = None  # sequences generated at once per rank (whole groups); None: all
     temperature: float = 1.0  # sampling temperature; log-probs use the same τ
     max_new_tokens: int | None = None  # None → the task's
     truncation: str | None = None  # keep | mask | penalise; None → the preset's
@@ -113,7 +119,7 @@ def fuses_scoring(preset: Preset, cfg: RLConfig, value_head, batch_size: int, ma
     With one update per rollout (one epoch, one minibatch) the policy that is updated is the one that
     sampled, so re-scoring the batch would recompute exactly the sampler's log-probs (tests check the two
     agree): the gradient can flow through sampling instead, and the separate scoring forward goes. The
-    minimal loop of shared/reference/trl_add2.md does the same (its log-probs and gradients matched a
+    minimal add2 loop measured in docs/design.md does the same (its log-probs and gradients matched a
     scoring pass to 3e-6). Not with a value head (PPO needs the hidden states of a scoring pass), nor where
     the kept graph would hold more full-vocabulary logits than `head_logprobs` allows (large vocabularies),
     nor for long responses: backward through N one-token decode steps is many small ops, and past a few
@@ -138,30 +144,106 @@ def score(model, value_head, tokens, n_pad, prompt_len: int, temperature: float)
     return logp, h, values
 
 
+def group_uniforms(seed: int, step: int, first_prompt: int, n_prompts: int, G: int, N: int) -> torch.Tensor:
+    """(n_prompts · G, N) float64: the uniform every sample's token t is drawn with (inverse CDF).
+
+    Group i, the samples of global prompt first_prompt + i, takes its uniforms from its own generator,
+    seeded by (seed, step, global prompt index): whichever rank, rollout chunk or batch the group is
+    sampled in, it draws the same tokens."""
+    return torch.cat([torch.rand(G, N, generator=torch_rng(seed, step, "sample", first_prompt + i), dtype=torch.float64)
+                      for i in range(n_prompts)])
+
+
 def collect_rollout(model, tokenizer, rows: list[dict], reward_fn, cfg: RLConfig, max_new_tokens: int,
-                    generator: torch.Generator, fused: bool = False) -> Rollout:
-    """Sample G responses per prompt and score them with the reward; `fused` keeps the graph of the
-    sampled log-probs (see `fuses_scoring`)."""
+                    step: int, first_prompt: int = 0, fused: bool = False, all_finished=None) -> Rollout:
+    """Sample G responses per prompt and score them with the reward.
+
+    `rows` are this rank's prompts of the step, the first being the step's prompt number `first_prompt`;
+    they are sampled cfg.rollout_batch_size sequences (whole groups) at a time. `fused` keeps the graph
+    of the sampled log-probs (see `fuses_scoring`). A reward that fails on any rank fails on all.
+    """
     G = cfg.group_size
-    prompts = [r["prompt"] for r in rows]
-    g, completions = complete(model, tokenizer, prompts, max_new_tokens, temperature=cfg.temperature,
-                              group_size=G, generator=generator, grad=fused, with_entropy=fused)
-    prompts_rep = [p for p in prompts for _ in range(G)]
+    per_chunk = len(rows) if cfg.rollout_batch_size is None else max(1, cfg.rollout_batch_size // G)  # prompts
+    gens, completions = [], []
+    for c in range(0, len(rows), per_chunk):
+        chunk = [r["prompt"] for r in rows[c : c + per_chunk]]
+        u = group_uniforms(cfg.seed, step, first_prompt + c, len(chunk), G, max_new_tokens)
+        g, texts = complete(model, tokenizer, chunk, max_new_tokens, temperature=cfg.temperature, group_size=G,
+                            uniforms=u, grad=fused, with_entropy=fused, all_finished=all_finished)
+        gens.append(g)
+        completions += texts
+    g = concat_generations(gens, tokenizer.pad_id)
+    prompts_rep = [r["prompt"] for r in rows for _ in range(G)]
     keys = dict.fromkeys(k for r in rows for k in r if k != "prompt")  # every field any row has, in order
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}
     # response length in tokens, eos not counted (builtin length_penalty(tokens=True) reads it)
     columns["completion_lengths"] = (g.response_mask.sum(1) - g.finished.long()).tolist()
-    rewards = call_reward(reward_fn, prompts_rep, completions, columns)
+    rewards = None
+    with dist.agreed_errors():
+        rewards = call_reward(reward_fn, prompts_rep, completions, columns)
     device = g.tokens.device
     return Rollout(g.tokens, g.n_pad, g.prompt_len, g.response_mask, g.logprobs.detach(),
-                   torch.tensor(rewards, dtype=torch.float32, device=device), g.finished, prompts_rep, completions,
-                   logp=g.logprobs if fused else None, entropy=g.entropy)
+                   torch.tensor(rewards, dtype=torch.float64, device=device).to(g.logprobs.dtype), g.finished,
+                   prompts_rep, completions, logp=g.logprobs if fused else None, entropy=g.entropy)
+
+
+def shape_rewards(rewards: torch.Tensor, finished: torch.Tensor, mask: torch.Tensor, G: int, truncation: str,
+                  penalty: float, drop_zero_std: bool):
+    """Rewards and loss mask after the treatment of truncated responses and equal-reward groups.
+
+    rewards (B,), finished (B,) bool, mask (B, N) bool -> (rewards (B,), loss_mask (B, N), zero_std (B/G,)).
+    "penalise" lowers a truncated response's reward by `penalty`; "mask" keeps it out of the loss
+    (DAPO's overlong filtering, TRL's mask_truncated_completions); `drop_zero_std` keeps the groups whose
+    rewards are all equal out of the loss (DAPO's dynamic sampling, as a filter of this batch).
+    """
+    B = rewards.shape[0]
+    loss_mask = mask.clone()
+    if truncation == "penalise":
+        rewards = rewards - penalty * (~finished).to(rewards.dtype)
+    elif truncation == "mask":
+        loss_mask &= finished[:, None]
+    zero_std = rewards.view(-1, G).std(dim=1) == 0 if G > 1 else torch.zeros(B // G, dtype=torch.bool,
+                                                                            device=rewards.device)
+    if drop_zero_std:
+        loss_mask &= ~zero_std.repeat_interleave(G)[:, None]
+    return rewards, loss_mask, zero_std
+
+
+def micro_batches(n_rows: int, size: int | None) -> list[torch.Tensor]:
+    """Row indices 0 … n_rows − 1 in consecutive pieces of at most `size` (None: one piece)."""
+    size = n_rows if size is None else size
+    return list(torch.arange(n_rows).split(max(1, size))) if n_rows else []
+
+
+@torch.no_grad()
+def score_rows(scorer, ro: Rollout, cfg: RLConfig, with_values: bool = False) -> torch.Tensor:
+    """Log-probs (or values) of every response of `ro` under `scorer`, without gradient, in micro-batches.
+
+    `scorer` is a Policy (possibly wrapped) or a reference view of one (LoRA: the adapter switched off)."""
+    out = []
+    for idx in micro_batches(ro.tokens.size(0), cfg.micro_batch_size):
+        idx = idx.to(ro.tokens.device)
+        logp, values, _ = _scored(scorer, ro, idx, cfg.temperature)
+        out.append(values if with_values else logp)
+    return torch.cat(out)
+
+
+def _scored(scorer, ro: Rollout, idx: torch.Tensor, temperature: float, with_entropy: bool = False):
+    """(logp, values, entropy) of rows `idx` of a rollout: through the wrapper's forward for a Policy."""
+    tokens, P = ro.tokens[idx], ro.prompt_len
+    if isinstance(dist.unwrap(scorer), Policy):
+        return scorer(tokens, tokens[:, P:], ro.n_pad[idx], start=P - 1, temperature=temperature,
+                      with_entropy=with_entropy)
+    logp, _, _ = score(scorer, None, tokens, ro.n_pad[idx], P, temperature)
+    return logp, None, None
 
 
 def compute_advantages(p: Preset, rewards, G: int, baseline: adv_fns.MovingBaseline | None):
     """Sequence-level advantages (B,) for every preset but ppo."""
-    if p.advantage == "moving":
-        return baseline.advantages(rewards)
+    if p.advantage == "moving":  # the baseline moves by the mean reward of the whole step, all ranks
+        total = dist.all_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()), dtype=rewards.dtype,
+                                                                         device=rewards.device)]))
+        return baseline.advantages(rewards, batch_mean=float(total[0] / total[1]))
     if p.advantage == "rloo":
         return adv_fns.rloo(rewards, G)
     if p.advantage in ("grpo", "dr_grpo"):
@@ -185,6 +267,20 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
             f"{cfg.minibatches} equal minibatches; use --minibatches {', '.join(map(str, fits))}, or change "
             "--prompts-per-step or --group-size"
         )
+    W = dist.world_size()
+    if cfg.prompts_per_step % W:
+        fits = [p for p in range(W, 4 * W + 1, W)]
+        raise UserError(f"--prompts-per-step {cfg.prompts_per_step} does not split over {W} processes (a group of "
+                        f"samples never spans processes); use a multiple of {W}, e.g. {', '.join(map(str, fits))}")
+    if cfg.micro_batch_size is not None and (cfg.micro_batch_size < 1 or (B // cfg.minibatches) % cfg.micro_batch_size):
+        mb = B // cfg.minibatches
+        fits = [m for m in range(1, mb + 1) if mb % m == 0]
+        raise UserError(f"--micro-batch-size {cfg.micro_batch_size} does not divide a minibatch of {mb} completions; "
+                        f"use one of {', '.join(map(str, fits[:12]))}")
+    if cfg.rollout_batch_size is not None and (cfg.rollout_batch_size < cfg.group_size
+                                               or cfg.rollout_batch_size % cfg.group_size):
+        raise UserError(f"--rollout-batch-size {cfg.rollout_batch_size} must be a multiple of --group-size "
+                        f"{cfg.group_size}: a group is generated together")
     if cfg.truncation not in (None, "keep", "mask", "penalise"):
         raise UserError(f"--truncation must be keep, mask or penalise, not '{cfg.truncation}'")
     if cfg.temperature <= 0:
@@ -220,162 +316,245 @@ def train_rl(
 ) -> dict:
     """Tune `model` from `start_step` to `cfg.steps`; returns the last evaluation, or {} without one.
 
-    draw_rows(step) gives the prompt rows of a step; evaluator(model) the held-out figures (e.g.
-    `evaluate_task`), asked at step 0 of a new run, every cfg.eval_every steps and at the end.
-    Ctrl-C finishes the step, checkpoints and raises.
+    `model` is a bare language model (with `value_head` beside it for PPO), or, with several processes,
+    the Policy holding both as `pglm.dist.wrap` wrapped it (the optimizer made after). draw_rows(step)
+    gives every prompt row of a step (the same on every rank; rank r takes its slice); evaluator(model)
+    the held-out figures (e.g. `evaluate_task`), asked at step 0 of a new run, every cfg.eval_every
+    steps and at the end. Ctrl-C finishes the step, checkpoints and raises.
     """
+    check_shapes(preset, cfg)
     if cfg.beta > 0 and ref_model is None:
         raise ValueError("beta > 0 needs ref_model, the frozen model the KL is measured against")
-    device = next(model.parameters()).device
+    wrapped = model if isinstance(dist.unwrap(model), Policy) else Policy(model, value_head)
+    policy = dist.unwrap(wrapped)
+    value_head = policy.value_head
+    device = next(policy.parameters()).device
     metrics = metrics or MetricsLog(run_dir)
-    G, N = cfg.group_size, max_new_tokens
+    W, G, N = dist.world_size(), cfg.group_size, max_new_tokens
+    P_local = cfg.prompts_per_step // W  # prompts of this rank; a group never spans ranks
+    B, B_local = cfg.prompts_per_step * G, P_local * G  # completions of the step, of this rank
+    first_row = dist.rank() * B_local  # this rank's first row in the step's global order
     # Only group-relative advantages are all zero when a group's rewards are equal.
     group_relative = preset.advantage in ("rloo", "grpo", "dr_grpo") and G > 1
     truncation = cfg.truncation or preset.truncation
     lr = cfg.lr if cfg.lr is not None else preset.lr
-    fused = fuses_scoring(preset, cfg, value_head, cfg.prompts_per_step * G, N, model.lm_head.weight.shape[0])
-    model.eval()  # no dropout anywhere in RL (module docstring)
-    params = list(optimizer.param_groups[0]["params"])  # what the gradient-norm clip covers
+    fused = W == 1 and cfg.rollout_batch_size in (None, B) and cfg.micro_batch_size in (None, B) and \
+        fuses_scoring(preset, cfg, value_head, B, N, policy.model.lm_head.weight.shape[0])
+    all_finished = dist.all_ranks if dist.sharded(wrapped) else None  # FSDP2: decode in step on every rank
+    evaluated = policy.model if W == 1 else policy  # under FSDP2 generation goes through the Policy
+    wrapped.eval()  # no dropout anywhere in RL (module docstring)
+    params = [q for g in optimizer.param_groups for q in g["params"]]  # what the gradient-norm clip covers
     last_eval: dict = {}
     zero_std_streak = 0
+    say = (lambda text: bar.write(text)) if dist.is_main() else (lambda text: None)
 
     def checkpoint(at: int):
         state = {"elapsed": metrics.elapsed(), **last_eval}
         if baseline is not None:
             state["baseline"] = baseline.state_dict()
-        save_checkpoint(run_dir, at, model, optimizer, state, extra={"value_head": value_head} if value_head else None)
+        save_checkpoint(run_dir, at, wrapped, optimizer, state)
 
     def evaluate(at: int):
         nonlocal last_eval
         if evaluator is None:
             return
-        last_eval = evaluator(model)
+        last_eval = evaluator(evaluated)
         metrics.log(at, "eval", **last_eval)
-        bar.write(f"step {at}: " + "  ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if k != "n_prompts"))
+        say(f"step {at}: " + "  ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if k != "n_prompts"))
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc=preset.name, unit="step")
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress or not dist.is_main(), desc=preset.name,
+               unit="step")
     if start_step == cfg.first_step:
         evaluate(start_step)
     step = start_step
     with stop_on_ctrl_c() as stop_requested:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            # 1. Rollout: G samples per prompt, with the sampler's log-probs.
-            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-            ro = collect_rollout(model, tokenizer, draw_rows(step), reward_fn, cfg, N, gen, fused)
-            B = ro.tokens.size(0)
-            rewards = ro.rewards.clone()  # (B,)
-            truncated = ~ro.finished
-            loss_mask = ro.mask.clone()  # (B, N)
-            if truncation == "penalise":
-                rewards = rewards - cfg.truncation_penalty * truncated.float()
-            elif truncation == "mask":
-                loss_mask &= ro.finished[:, None]  # overlong filtering (DAPO; TRL mask_truncated_completions)
-            zero_std = rewards.view(-1, G).std(dim=1) == 0 if G > 1 else torch.zeros(B // G, dtype=torch.bool)  # (B/G,)
-            if preset.drop_zero_std_groups:  # DAPO dynamic sampling, as a filter of this batch
-                loss_mask &= ~zero_std.repeat_interleave(G)[:, None]
+            # 1. Rollout: G samples for each of this rank's prompts, with the sampler's log-probs.
+            rows = draw_rows(step)[dist.rank() * P_local : (dist.rank() + 1) * P_local]
+            ro = collect_rollout(evaluated if not fused else policy.model, tokenizer, rows, reward_fn, cfg, N, step,
+                                 first_prompt=dist.rank() * P_local, fused=fused, all_finished=all_finished)
+            rewards, loss_mask, zero_std = shape_rewards(ro.rewards, ro.finished, ro.mask, G, truncation,
+                                                         cfg.truncation_penalty, preset.drop_zero_std_groups)
 
             # 2. KL to the reference, in the reward (k1 of the sampler's log-probs) or later in the loss.
-            with torch.no_grad():
-                ref_logp = None
-                kl_tok = torch.zeros_like(ro.old_logp)
-                if ref_model is not None:
-                    ref_logp, _, _ = score(ref_model, None, ro.tokens, ro.n_pad, ro.prompt_len, cfg.temperature)
-                    kl_tok = kl_estimate(ro.old_logp, ref_logp, "k1") * ro.mask  # k1 per token (B, N)
-                kl_in_reward = cfg.beta > 0 and preset.kl_placement == "reward"
+            ref_logp = None
+            kl_tok = torch.zeros_like(ro.old_logp)
+            if ref_model is not None:
+                ref_logp = score_rows(ref_model, ro, cfg)
+                kl_tok = kl_estimate(ro.old_logp, ref_logp, "k1") * ro.mask  # k1 per token (B, N)
+            kl_in_reward = cfg.beta > 0 and preset.kl_placement == "reward"
 
-                # 3. Advantages.
+            # 3. Advantages; every statistic over the batch is over the whole step, all ranks.
+            old_values = returns = None
+            with torch.no_grad():
                 if preset.advantage == "gae":
-                    h = model.features(ro.tokens, ro.n_pad)[:, ro.prompt_len - 1 : -1]  # (B, N, C), as in score
-                    old_values = value_head(h)  # (B, N); no logits needed here
+                    old_values = score_rows(wrapped, ro, cfg, with_values=True)  # (B, N)
                     last = ro.mask.long().sum(1).clamp(min=1) - 1  # (B,) index of the last valid token
                     tok_rewards = -cfg.beta * kl_tok if kl_in_reward else torch.zeros_like(kl_tok)
-                    tok_rewards[torch.arange(B, device=device), last] += rewards  # reward on the last token (§2.13)
+                    tok_rewards[torch.arange(B_local, device=device), last] += rewards  # reward on the last token (§2.13)
                     advantages, returns = adv_fns.gae(tok_rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
                     if preset.whiten:
-                        advantages = adv_fns.whiten(advantages, loss_mask if loss_mask.any() else ro.mask)
+                        any_kept = dist.all_sum(loss_mask.sum()) > 0
+                        advantages = adv_fns.whiten(advantages, loss_mask if any_kept else ro.mask, reduce=dist.all_sum)
                 else:
                     seq_rewards = rewards - cfg.beta * kl_tok.sum(1) if kl_in_reward else rewards
                     advantages = compute_advantages(preset, seq_rewards, G, baseline)  # (B,)
 
-            # 4. Epochs × minibatches of score, loss, backward, clip, step.
+            # 4. Epochs × minibatches (one optimizer step each) × micro-batches (one backward each).
             for group in optimizer.param_groups:
                 group["lr"] = lr * min(1.0, (step - cfg.first_step + 1) / max(1, cfg.warmup_steps))
-            order_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-            stats_sum: dict[str, float] = {}
-            n_updates = 0
-            for _ in range(cfg.epochs):
-                order = torch.randperm(B, generator=order_gen) if cfg.minibatches > 1 else torch.arange(B)
-                for idx in order.to(device).chunk(cfg.minibatches):
-                    m = loss_mask[idx]
-                    if not m.any():
-                        continue  # nothing to learn from (all masked): Adam must not move on zero gradients
-                    if fused:  # the sampler's own log-probs, graph and all (one update: idx is every row)
-                        logp, h, values = ro.logp, None, None
-                    else:
-                        logp, h, values = score(model, value_head, ro.tokens[idx], ro.n_pad[idx], ro.prompt_len,
-                                                cfg.temperature)
-                    loss, stats = policy_loss(logp, ro.old_logp[idx], advantages[idx], m,
-                                              clip_low=preset.clip_low, clip_high=preset.clip_high,
-                                              level=preset.level, agg=preset.agg, l_max=N)
-                    if cfg.beta > 0 and preset.kl_placement == "loss":
-                        kl_loss = aggregate(kl_estimate(logp, ref_logp[idx], "k3"), m, preset.agg, l_max=N)
-                        loss = loss + cfg.beta * kl_loss
-                    if value_head is not None:
-                        vl, vstats = value_loss(values, old_values[idx], returns[idx], m, clip=cfg.vf_clip)
-                        loss = loss + cfg.vf_coef * vl
-                        stats.update(vstats, value_loss=vl.detach())
-                    # entropy of the policy being updated (before the step changes lm_head)
-                    stats["entropy"] = aggregate(ro.entropy, m, "token-mean") if h is None else \
-                        head_entropy(h.detach(), model.lm_head, m, cfg.temperature)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    optimizer.step()
-                    stats.update(loss=loss.detach(), grad_norm=grad_norm)
-                    for k, v in stats.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-                    n_updates += 1
+            sums = update(wrapped, optimizer, params, ro, advantages, loss_mask, ref_logp, old_values, returns,
+                          preset, cfg, step, N, B, first_row, fused)
             step += 1
 
-            # 5. Log.
-            frac_zero = float(zero_std.float().mean())
+            # 5. Log: every figure is over the whole step (all ranks), summed in one collective.
+            local = torch.stack([
+                ro.rewards.sum(), (ro.rewards ** 2).sum(), ro.mask.sum(), zero_std.sum(), (~ro.finished).sum(),
+                kl_tok.sum(),
+            ]).to(torch.float64)
+            (r_sum, r_sq, n_tok, n_zero, n_trunc, kl_sum), sums = dist.all_sum(local).tolist(), dist.all_sum(sums)
+            n_updates = round(float(sums[UPDATES]) / W)
             # A step with nothing to learn from (every token masked) logs its loss statistics as null.
             row = dict.fromkeys(("loss", "grad_norm", "entropy", "clip_frac", "approx_kl"), float("nan"))
-            row.update({k: v / n_updates for k, v in stats_sum.items()})
+            if n_updates:
+                tokens = max(float(sums[TOKENS]), 1.0)
+                row.update(loss=float(sums[LOSS]) / n_updates, grad_norm=float(sums[GRAD_NORM]) / n_updates / W,
+                           **{k: float(sums[i]) / tokens for i, k in enumerate(TOKEN_STATS) if value_head or k in PG_STATS})
+            mean = r_sum / B
             row.update(
-                reward_mean=float(ro.rewards.mean()), reward_std=float(ro.rewards.std()) if B > 1 else 0.0,
-                response_len=float(ro.mask.float().sum(1).mean()), frac_zero_std_groups=frac_zero,
-                frac_truncated=float(truncated.float().mean()), samples_per_s=B / (time.perf_counter() - t0),
-                lr=optimizer.param_groups[0]["lr"], updates=n_updates,
+                reward_mean=mean, reward_std=((r_sq - B * mean**2) / (B - 1)) ** 0.5 if B > 1 and r_sq > B * mean**2 else 0.0,
+                response_len=n_tok / B, frac_zero_std_groups=n_zero / (B // G), frac_truncated=n_trunc / B,
+                samples_per_s=B / (time.perf_counter() - t0), lr=optimizer.param_groups[0]["lr"], updates=n_updates,
             )
+            if value_head is not None:
+                row["explained_variance"] = explained_variance(old_values, returns, ro.mask)
             if ref_model is not None:
-                row["kl"] = float(kl_tok.sum(1).mean())  # E[Σ_t k1] = KL(π‖ref) per sequence
+                row["kl"] = kl_sum / B  # E[Σ_t k1] = KL(π‖ref) per sequence
             metrics.log(step, "rl", **row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", samples_s=f"{row['samples_per_s']:.0f}")
             bar.update(1)
+            frac_zero = n_zero / (B // G)
             zero_std_streak = zero_std_streak + 1 if group_relative and frac_zero == 1.0 else 0
             if zero_std_streak == cfg.zero_std_warn_steps:
-                bar.write(
-                    f"warning: for {zero_std_streak} steps every group of {G} samples got equal rewards, so every "
+                say(f"warning: for {zero_std_streak} steps every group of {G} samples got equal rewards, so every "
                     "advantage is 0 and the policy does not move (the 'loss is 0' of trl#2703). Raise --group-size "
-                    "or --temperature, or check that the reward can tell the samples apart."
-                )
+                    "or --temperature, or check that the reward can tell the samples apart.")
 
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 evaluate(step)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_requested.is_set():
+            stopping = dist.any_rank(stop_requested.is_set())  # every rank stops at the same step
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
                 checkpoint(step)
-            if stop_requested.is_set() and step < cfg.steps:
+            if stopping and step < cfg.steps:
                 bar.close()
                 raise KeyboardInterrupt
     bar.close()
     return last_eval
 
 
+# The sums `update` returns, in this order: token-weighted statistics, then the rest.
+PG_STATS = ("entropy", "clip_frac", "approx_kl", "ratio_mean")
+TOKEN_STATS = (*PG_STATS, "value_loss", "vf_clip_frac")
+TOKENS, LOSS, GRAD_NORM, UPDATES = range(len(TOKEN_STATS), len(TOKEN_STATS) + 4)
+
+
+def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_logp, old_values, returns,
+           preset: Preset, cfg: RLConfig, step: int, N: int, B: int, first_row: int, fused: bool) -> torch.Tensor:
+    """cfg.epochs passes over the step's B completions, each split into cfg.minibatches optimizer steps.
+
+    A minibatch is a set of the step's global rows (a permutation drawn from (seed, step, epoch)); this
+    rank scores its own rows of it, cfg.micro_batch_size at a time, and every loss is normalised by the
+    count of the WHOLE minibatch over all ranks (tokens for token-mean, sequences otherwise), so the
+    gradient is that of one process holding the whole minibatch. Every rank runs as many micro-batches
+    (a rank with fewer rows runs empty ones, weight 0: under FSDP2 every forward is a collective, and
+    under DDP every rank must join the all-reduce), and a minibatch with no token to learn from is
+    skipped on every rank. Returns this rank's sums (TOKEN_STATS …, TOKENS, LOSS, GRAD_NORM, UPDATES),
+    to be summed over ranks.
+    """
+    W = dist.world_size()
+    B_local = ro.tokens.size(0)
+    device = ro.tokens.device
+    sums = torch.zeros(UPDATES + 1, dtype=torch.float64, device=device)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(B, generator=torch_rng(cfg.seed, step, "minibatch", epoch)) if cfg.minibatches > 1 \
+            else torch.arange(B)
+        mbs = [mb[(mb >= first_row) & (mb < first_row + B_local)] - first_row for mb in order.chunk(cfg.minibatches)]
+        mbs = [mb.to(device) for mb in mbs]  # this rank's rows of each minibatch
+        size = cfg.micro_batch_size or B
+        n_tokens, n_seqs, n_micro = minibatch_counts(loss_mask, mbs, size)
+        for mb, n_tok, n_seq, n_mi in zip(mbs, n_tokens.tolist(), n_seqs.tolist(), n_micro.tolist()):
+            if n_tok == 0:
+                continue  # nothing to learn from (all masked) on any rank: Adam must not move on zero gradients
+            normalizer = n_tok if preset.agg == "token-mean" else n_seq
+            optimizer.zero_grad(set_to_none=True)
+            for i in range(n_mi):
+                idx = mb[i * size : (i + 1) * size]
+                weight = 1.0 if len(idx) else 0.0
+                if not len(idx):  # an empty micro-batch: any row, weight 0, so that the collectives match
+                    idx = torch.zeros(1, dtype=torch.long, device=device)
+                m = loss_mask[idx]
+                with dist.grad_sync(wrapped, i == n_mi - 1):
+                    if fused:  # the sampler's own log-probs, graph and all (one update: idx is every row)
+                        logp, values, entropy = ro.logp, None, ro.entropy
+                    else:
+                        logp, values, entropy = _scored(wrapped, ro, idx, cfg.temperature, with_entropy=True)
+                    loss, stats = policy_loss(logp, ro.old_logp[idx], advantages[idx], m,
+                                              clip_low=preset.clip_low, clip_high=preset.clip_high,
+                                              level=preset.level, agg=preset.agg, normalizer=normalizer, l_max=N)
+                    if cfg.beta > 0 and preset.kl_placement == "loss":
+                        kl_loss = aggregate(kl_estimate(logp, ref_logp[idx], "k3"), m, preset.agg, normalizer, l_max=N)
+                        loss = loss + cfg.beta * kl_loss
+                    if values is not None:
+                        vl, vstats = value_loss(values, old_values[idx], returns[idx], m, clip=cfg.vf_clip,
+                                                normalizer=n_tok)
+                        loss = loss + cfg.vf_coef * vl
+                        stats.update(vstats, value_loss=vl.detach() * n_tok / m.sum().clamp(min=1))  # this piece's mean
+                    # DDP and FSDP2 average gradients over ranks: W × this rank's share gives the sum.
+                    (loss * (weight * W) if W > 1 or weight != 1.0 else loss).backward()
+                stats["entropy"] = aggregate(entropy, m, "token-mean")  # of the policy before the step
+                k = weight * float(m.sum())
+                for j, name in enumerate(TOKEN_STATS):
+                    if name in stats:
+                        sums[j] += float(stats[name]) * k
+                sums[TOKENS] += k
+                sums[LOSS] += weight * float(loss.detach())
+            grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            optimizer.step()
+            sums[GRAD_NORM] += float(grad_norm)  # the same on every rank: summed over W, divided by W when logged
+            sums[UPDATES] += 1  # summed over ranks: W per update
+    return sums
+
+
+def minibatch_counts(loss_mask: torch.Tensor, mbs: list[torch.Tensor], size: int):
+    """(tokens to learn from (M,), sequences (M,), micro-batches every rank runs (M,)) of each
+    minibatch, over all ranks.
+
+    Tokens and sequences are the loss normalisers (token-mean, resp. the seq-mean aggregations), the
+    tokens also the "skip" decision; the micro-batches are the most that any rank needs for its rows
+    of the minibatch, `size` rows each, so that every rank runs as many."""
+    local = [loss_mask[mb].sum().double() for mb in mbs] + [torch.tensor(float(len(mb)), dtype=torch.float64,
+                                                                          device=loss_mask.device) for mb in mbs]
+    n_tokens, n_seqs = dist.all_sum(torch.stack(local)).chunk(2)
+    n_micro = dist.all_max_tensor(torch.tensor([-(-len(mb) // size) for mb in mbs], device=loss_mask.device))
+    return n_tokens, n_seqs, n_micro
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var[R − V] / Var[R] over the valid tokens of the whole step (all ranks), the value head's
+    fit before the update (cleanrl logs the same of its rollout values)."""
+    m = mask.to(torch.float64)
+    r, e = returns.double() * m, (returns - values).double() * m
+    n, sr, sr2, se, se2 = dist.all_sum(torch.stack([m.sum(), r.sum(), (r**2).sum(), e.sum(), (e**2).sum()])).tolist()
+    if n == 0:
+        return float("nan")
+    var_r, var_e = sr2 / n - (sr / n) ** 2, se2 / n - (se / n) ** 2
+    return 1 - var_e / var_r if var_r > 0 else float("nan")
+
+
 def make_rl_optimizer(model, value_head, lr: float, cfg: RLConfig) -> torch.optim.Adam:
     """Adam without weight decay (decay would pull a trained model back toward 0 for no reason), ε 1e-5."""
-    params, seen = [], set()
+    params, seen = [], set()  # model: a language model (value_head beside it) or a Policy holding both
     for q in list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else []):
         if q.requires_grad and id(q) not in seen:  # with LoRA only the adapter trains
             seen.add(id(q))
@@ -401,12 +580,12 @@ def frozen_copy(model):
 
 def task_rows(task, seed: int, prompts_per_step: int) -> Callable[[int], list[dict]]:
     """The prompts of step s: a pure function of (seed, s), so a resumed run draws the same ones."""
-    return lambda step: task.train_prompts(random.Random(seed * 1_000_003 + step), prompts_per_step)
+    return lambda step: task.train_prompts(python_rng(seed, step, "prompts"), prompts_per_step)
 
 
 def file_rows(rows: list[dict], seed: int, prompts_per_step: int) -> Callable[[int], list[dict]]:
     def draw(step: int) -> list[dict]:
-        rng = np.random.default_rng([seed, step])
+        rng = numpy_rng(seed, step, "prompts")
         return [rows[i] for i in rng.integers(0, len(rows), prompts_per_step)]
 
     return draw
