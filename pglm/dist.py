@@ -124,6 +124,11 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
 def broadcast_module(module: nn.Module) -> None:
     """Give every rank rank 0's parameters and buffers (a model initialised or loaded on rank 0 only,
     LoRA adapters drawn per rank). DDP does this itself; FSDP2 shards what each rank holds, so it must

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from pglm.data import Batch
@@ -50,35 +51,50 @@ def evaluate_task(model, tokenizer, task, *, samples: int = 0, temperature: floa
     """Greedy accuracy on the task's held-out prompts, and pass@k from `samples` draws per prompt.
 
     pass@k uses the unbiased estimator of Chen et al. (2021) over the sampled completions only (the
-    greedy one is not among them), for k = 1, 2, 4, ... up to `samples`.
+    greedy one is not among them), for k = 1, 2, 4, ... up to `samples`. The samples of held-out
+    prompt i are drawn with uniforms from a generator of its own (seed, i), so the figures are the same
+    however the prompts are shared out: with several processes rank r evaluates the r-th block of
+    prompts and the counts are summed over ranks (a rank with a shorter block repeats its last prompt
+    with weight 0, so that every rank runs as many batches; under FSDP2 each decode step is a collective
+    and ends on every rank together).
     """
     from pglm import dist
+    from pglm.rng import numpy_rng
     from pglm.sampling import complete
     from pglm.tasks.base import pass_at_k
 
-    # Every rank evaluates every problem (the same figures everywhere); under FSDP2 the decode loops
-    # must then also end at the same step on every rank.
-    sync = {"all_finished": dist.all_ranks} if dist.world_size() > 1 else {}
-
     rows = task.heldout()[:limit]
+    W, r = dist.world_size(), dist.rank()
+    per = -(-len(rows) // W)  # prompts per rank
+    mine = [min(i, len(rows) - 1) for i in range(r * per, (r + 1) * per)]  # global indices, padded
+    weight = torch.tensor([float(r * per + k < len(rows)) for k in range(per)], dtype=torch.float64)
+    sync = {"all_finished": dist.all_ranks} if dist.sharded(model) else {}
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    greedy_correct, sample_correct = [], []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        prompts = [r["prompt"] for r in chunk]
+    ks = [2**j for j in range(samples.bit_length())] if samples else []  # 1, 2, 4, … ≤ samples
+    greedy_correct, passes = [], []  # per local prompt
+    for b in range(0, len(mine), batch_size):
+        idx = mine[b : b + batch_size]
+        prompts = [rows[i]["prompt"] for i in idx]
         _, texts = complete(model, tokenizer, prompts, task.max_new_tokens, greedy=True, **sync)
-        greedy_correct += [r == 1.0 for r in task.reward(prompts, texts)]
+        greedy_correct += [float(x == 1.0) for x in task.reward(prompts, texts)]
         if samples:
+            u = torch.from_numpy(np.concatenate([numpy_rng(seed, 0, "eval", i).random((samples, task.max_new_tokens))
+                                                 for i in idx]))
             _, texts = complete(model, tokenizer, prompts, task.max_new_tokens, temperature=temperature,
-                                group_size=samples, generator=gen, **sync)
+                                group_size=samples, uniforms=u, **sync)
             ok = task.reward([p for p in prompts for _ in range(samples)], texts)
-            sample_correct += [sum(ok[j * samples : (j + 1) * samples]) for j in range(len(chunk))]
+            for j in range(len(idx)):
+                c = int(sum(ok[j * samples : (j + 1) * samples]))
+                passes.append([pass_at_k(samples, c, k) for k in ks])
     model.train(was_training)
-    out = {"accuracy": sum(greedy_correct) / len(rows), "n_prompts": len(rows)}
-    k = 1
-    while samples and k <= samples:
-        out[f"pass@{k}"] = sum(pass_at_k(samples, int(c), k) for c in sample_correct) / len(rows)
-        k *= 2
+    local = torch.cat([(weight * torch.tensor(greedy_correct, dtype=torch.float64)).sum()[None],
+                       (weight[:, None] * torch.tensor(passes, dtype=torch.float64).reshape(len(mine), len(ks))).sum(0)])
+    totals = dist.all_sum(local.to(_device_of(model))).tolist()
+    out = {"accuracy": totals[0] / len(rows), "n_prompts": len(rows)}
+    out.update({f"pass@{k}": t / len(rows) for k, t in zip(ks, totals[1:])})
     return out
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device

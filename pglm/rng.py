@@ -15,8 +15,9 @@ import random
 import numpy as np
 import torch
 
-# index: the global micro-batch (data, dropout), the global prompt (sample), the epoch (minibatch)
-STREAMS = {"data": None, "dropout": 1, "prompts": 2, "sample": 3, "minibatch": 4}
+# index: the global micro-batch (data, dropout), the global prompt (sample), the epoch (minibatch), the
+# held-out prompt (eval)
+STREAMS = {"data": None, "dropout": 1, "prompts": 2, "sample": 3, "minibatch": 4, "eval": 5}
 
 
 def seed_sequence(seed: int, step: int, stream: str, index: int = 0) -> np.random.SeedSequence:

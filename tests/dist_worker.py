@@ -42,6 +42,10 @@ def reward(prompts, completions, **kw):
     return [float(sum(map(ord, c)) % 5) / 4 for c in completions]
 
 
+def half_reward(prompts, completions, half, **kw):
+    return [1.0 if h else r for h, r in zip(half, reward(prompts, completions))]
+
+
 def get_batch(rng):
     x = torch.from_numpy(rng.integers(0, 15, (4, 12)))
     y = torch.roll(x, -1, 1)
@@ -67,7 +71,9 @@ def run_mle(out: Path, mode: str | None, grad_accum: int, dtype=torch.float64) -
 
 
 def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.float64, micro: int | None = None,
-           rollout: int | None = None, ref_in_loss: bool = False) -> dict:
+           rollout: int | None = None, ref_in_loss: bool = False, masked_half: bool = False) -> dict:
+    """`masked_half`: the second half of each step's prompts get one constant reward, so that with DAPO's
+    filter every row of the last rank(s) is masked out of the loss."""
     preset = get_preset(algo)
     if ref_in_loss and preset.kl_placement != "loss":
         from dataclasses import replace
@@ -98,7 +104,12 @@ def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.floa
 
     rl.collect_rollout = recording
     try:
-        train_rl(wrapped, TASK.tokenizer(), preset, cfg, task_rows(TASK, 0, cfg.prompts_per_step), reward, None, 4,
+        draw = task_rows(TASK, 0, cfg.prompts_per_step)
+        if masked_half:
+            P = cfg.prompts_per_step
+            rows = draw
+            draw = lambda step: [{**r, "half": i >= P // 2} for i, r in enumerate(rows(step))]  # noqa: E731
+        train_rl(wrapped, TASK.tokenizer(), preset, cfg, draw, half_reward if masked_half else reward, None, 4,
                  out, optimizer, ref_model=ref, baseline=MovingBaseline() if preset.advantage == "moving" else None,
                  metrics=MetricsLog(out), progress=False)
     finally:
@@ -111,6 +122,29 @@ def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.floa
     per_step = [sum((g[s] for g in gathered), []) for s in range(len(samples))]
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if dist.is_main() else []
     return {"params": params(wrapped), "samples": per_step, "metrics": metrics}
+
+
+class EvenLengthTask:
+    """add2's held-out prompts, with a reward the untrained tiny model earns about half the time: an
+    answer of even length. Accuracy and pass@k then lie strictly between 0 and 1."""
+
+    name, max_new_tokens = "even", 4
+
+    def heldout(self):
+        return TASK.heldout()
+
+    def reward(self, prompts, completions, **kw):
+        return [float(len(c) % 2 == 0) for c in completions]
+
+
+def run_eval(mode: str | None, limit: int, samples: int) -> dict:
+    """Held-out accuracy and pass@k of the tiny model, the prompts shared out over the ranks."""
+    from pglm.evaluate import evaluate_task
+
+    wrapped = dist.wrap(Policy(tiny_model()), mode, torch.device("cpu"), POLICY_METHODS)
+    evaluated = dist.unwrap(wrapped) if dist.world_size() > 1 else dist.unwrap(wrapped).model
+    return {"figures": evaluate_task(evaluated, TASK.tokenizer(), EvenLengthTask(), samples=samples, limit=limit,
+                                     batch_size=3)}
 
 
 def worker(rank: int, world: int, init_file: str, result_file: str, mode: str, jobs: list[dict]):
@@ -130,7 +164,10 @@ def run_job(job: dict, mode: str | None, root: Path) -> dict:
     kind = job.pop("kind")
     name = job.pop("name")
     with mutated(job.pop("mutation", None)), fingerprints() as prints:
-        result = run_mle(root / name, mode, **job) if kind == "mle" else run_rl(root / name, mode=mode, **job)
+        if kind == "eval":
+            result = run_eval(mode, **job)
+        else:
+            result = run_mle(root / name, mode, **job) if kind == "mle" else run_rl(root / name, mode=mode, **job)
     if dist.world_size() > 1:
         every = [None] * dist.world_size()
         tdist.all_gather_object(every, prints)

@@ -185,3 +185,10 @@ def test_a_fused_rollout_updates_the_model_exactly_as_a_separate_scoring_pass(in
         f, s = json.loads(f), json.loads(s)
         for k in ("loss", "entropy", "kl", "grad_norm"):
             assert f[k] == pytest.approx(s[k], rel=1e-6, abs=1e-9), k
+
+
+def test_describe_announces_the_truncation_the_flag_set():
+    from pglm.pg.presets import describe, get_preset
+
+    assert describe(get_preset("grpo"), 0.0, 8, 4).endswith("truncated responses: keep  [DeepSeekMath, arXiv 2402.03300]")
+    assert "truncated responses: mask" in describe(get_preset("grpo"), 0.0, 8, 4, truncation="mask")

@@ -17,6 +17,7 @@ from pglm import __version__
 from pglm.cli.apply import cmd_chat, cmd_eval, cmd_export, cmd_generate, cmd_plot
 from pglm.cli.demo import cmd_demo
 from pglm.cli.flags import (
+    add_ckpt_format_flag,
     add_dist_flag,
     add_hf_flags,
     add_model_flags,
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, help=f"samples per held-out problem for pass@k (default {d.eval_samples})")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out problems (default all)")
     p.add_argument("--ckpt-every", type=int, help=f"steps between checkpoints (default {d.ckpt_every})")
+    add_ckpt_format_flag(p)
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--micro-batch-size", type=int, help="sequences per forward/backward (gradient accumulation "
                    "inside a minibatch; default: the whole minibatch)")

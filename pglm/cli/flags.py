@@ -90,6 +90,7 @@ def add_train_flags(p):
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations")
     g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="validation tokens per periodic evaluation")
     g.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
+    add_ckpt_format_flag(g)
     g.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
@@ -99,6 +100,11 @@ def add_train_flags(p):
     g.add_argument("--out", required=True, help="run directory to write")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+
+def add_ckpt_format_flag(g):
+    g.add_argument("--ckpt-format", help="full (default: the whole state, written by rank 0) | sharded (every rank "
+                   "writes its own shards; for a model whose state does not fit one host); docs/distributed.md")
 
 
 def add_dist_flag(g):
@@ -116,6 +122,8 @@ def train_config(args):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.lr <= 0 or args.grad_clip < 0 or not 0 < args.val_frac < 1:
         raise UserError("--lr must be positive, --grad-clip 0 (off) or more, and --val-frac between 0 and 1")
+    if args.ckpt_format not in (None, "full", "sharded"):
+        raise UserError(f"--ckpt-format must be full or sharded, not '{args.ckpt_format}'")
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 

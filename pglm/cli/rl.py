@@ -112,10 +112,7 @@ def cmd_rl(args):
             if cfg.beta > 0:  # the initial model: the adapter switched off, or the --init run loaded again
                 ref_model = reference_model(model) if getattr(model, "is_lora", False) else \
                     load_run(config["init"], device, trust_remote_code=getattr(model.config, "trust_remote_code", False)).model
-            metrics = MetricsLog(out, resume_step=start, elapsed=state.get("elapsed", 0.0))
             config["rl"] = asdict(cfg)
-            if dist.is_main():
-                write_json(out / "config.json", config)
         else:
             start = 0
             ref_model = reference_model(model) if cfg.beta > 0 else None  # loaded only when β > 0
@@ -129,12 +126,15 @@ def cmd_rl(args):
     # The one module training calls (DDP or FSDP2 of it under torchrun), and its optimizer after it.
     model = dist.wrap(Policy(model, value_head), args.dist, device, POLICY_METHODS)
     optimizer = make_rl_optimizer(model, None, lr, cfg)
-    if args.resume:
+    if args.resume:  # the run directory changes only once everything has loaded
         load_optimizer(optimizer, init.ckpt_dir, model)
+        metrics = MetricsLog(out, resume_step=start, elapsed=state.get("elapsed", 0.0))
+        if dist.is_main():
+            write_json(out / "config.json", config)
     if ref_model is not None and dist.sharded(model):  # sharded like the policy
         ref_model = dist.wrap(Policy(ref_model), args.dist, device)
     if dist.is_main():
-        print(describe(preset, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
+        print(describe(preset, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam, cfg.truncation), file=sys.stderr)
         print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} sample{'s' if cfg.group_size > 1 else ''} per step, "
               f"lr {lr:g}, {cfg.steps} steps from {config['init']} → {out}"
               + (f", {dist.world_size()} processes ({args.dist or 'ddp'})" if dist.world_size() > 1 else ""),

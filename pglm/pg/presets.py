@@ -65,8 +65,9 @@ _AGG = {
 }
 
 
-def describe(p: Preset, beta: float, group_size: int, max_new_tokens: int, gamma: float = 1.0, lam: float = 0.95) -> str:
-    """The objective in one line, e.g. for the start of `pglm rl`."""
+def describe(p: Preset, beta: float, group_size: int, max_new_tokens: int, gamma: float = 1.0, lam: float = 0.95,
+             truncation: str | None = None) -> str:
+    """The objective in one line, e.g. for the start of `pglm rl`; `truncation` is --truncation when set."""
     ratio = "r = exp(mean_t log π/π_old) per sequence" if p.level == "sequence" else "r_t = π/π_old per token"
     adv = _ADV[p.advantage].replace("GAE(γ, λ)", f"GAE(γ={gamma}, λ={lam})")
     kl = "no KL"
@@ -79,6 +80,6 @@ def describe(p: Preset, beta: float, group_size: int, max_new_tokens: int, gamma
             kl = f"R −= {beta}·Σ_t (log π_old − log π_ref) (k1 in the reward)"
     agg = _AGG[p.agg].replace("L_max", f"L_max={max_new_tokens}")
     return (f"{p.name}: minimise −{agg} min(r·A, clip(r, {1 - p.clip_low:g}, {1 + p.clip_high:g})·A); {ratio}; "
-            f"{adv}, G={group_size}; {kl}; truncated responses: {p.truncation}"
+            f"{adv}, G={group_size}; {kl}; truncated responses: {truncation or p.truncation}"
             + ("; groups with equal rewards dropped" if p.drop_zero_std_groups else "")
             + (f"  [{p.source}]" if p.source else ""))

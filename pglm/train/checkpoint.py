@@ -43,7 +43,8 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path} cannot be read as JSON ({e}); the run directory may be damaged") from None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict | None = None, extra=None) -> Path | None:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict | None = None, extra=None,
+                    sharded: bool = False) -> Path | None:
     """Write checkpoints/step_{step} atomically and point `latest` at it.
 
     `model` is a bare module, or a Policy (possibly wrapped by DDP/FSDP2), whose language model goes to
@@ -51,11 +52,15 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
     another module saved beside a bare model as NAME.safetensors. The files hold the full state, keyed
     by parameter name, whatever the number of processes: every rank helps gather it (FSDP2 holds a
     shard each), rank 0 writes it, so a run saved at one world size resumes at any other. state.json
-    records the world size. Returns the checkpoint directory on rank 0, None elsewhere.
+    records the world size. `sharded` (a Policy only) writes the opt-in sharded format instead
+    (`pglm.train.sharded`): every rank its own shards, nothing gathered. Returns the checkpoint
+    directory on rank 0, None elsewhere.
     """
     from pglm import dist
     from pglm.models.policy import Policy
 
+    if sharded:
+        return _save_sharded(run_dir, step, model, optimizer, state)
     inner = dist.unwrap(model)
     parts = {"model": inner.model, "value_head": inner.value_head} if isinstance(inner, Policy) else {"model": inner}
     parts.update(extra or {})
@@ -79,6 +84,32 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
     if opt_state is not None:
         torch.save(opt_state, tmp / "optimizer.pt")
     write_json(tmp / "state.json", {"step": step, **(state or {}), "world_size": dist.world_size()})
+    return _publish(ckpt_root, name, tmp)
+
+
+def _save_sharded(run_dir: Path, step: int, model, optimizer, state: dict | None) -> Path | None:
+    from pglm import dist
+    from pglm.train import sharded
+
+    ckpt_root = Path(run_dir) / "checkpoints"
+    name = f"step_{step}"
+    tmp = ckpt_root / f".tmp-{name}-sharded"  # one name every rank knows
+    if dist.is_main():
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob(".tmp-*"):  # left by a crash in the middle of an earlier write
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    groups = sharded.save(tmp, model, optimizer)  # every rank writes its shards; returns when all have
+    if not dist.is_main():
+        return None
+    write_json(tmp / "state.json", {"step": step, **(state or {}), "world_size": dist.world_size(),
+                                    "format": "sharded", "optimizer_param_groups": groups})
+    return _publish(ckpt_root, name, tmp)
+
+
+def _publish(ckpt_root: Path, name: str, tmp: Path) -> Path:
+    """Rename a finished checkpoint into place and point `latest` at it (rank 0)."""
     final = ckpt_root / name
     if final.exists():  # the same step written again: set the old one aside (find_checkpoint puts it
         old = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-old-{name}-"))  # back after a crash here)
@@ -106,7 +137,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a run directory written by pglm pretrain, sft or rl")
-    if (path / "model.safetensors").is_file() and (path / "state.json").is_file():
+    if ((path / "model.safetensors").is_file() or (path / "sharded").is_dir()) and (path / "state.json").is_file():
         run_dir = path.parent.parent
         if not (run_dir / "config.json").is_file():
             raise UserError(f"{path} looks like a checkpoint but {run_dir}/config.json is missing")
@@ -124,20 +155,37 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
         for aside in sorted(path.glob(f"checkpoints/.tmp-old-{ckpt.name}-*/{ckpt.name}")):
             os.replace(aside, ckpt)
             break
-    if not (ckpt / "model.safetensors").is_file():
+    if not ((ckpt / "model.safetensors").is_file() or (ckpt / "sharded").is_dir()):
         raise UserError(f"{latest} names {ckpt.name}, which is missing; pass a checkpoints/step_N that exists")
     return path, ckpt
 
 
 def load_weights(model, ckpt_dir: Path, name: str = "model") -> None:
-    """Load NAME.safetensors into `model`, turning damage into one clear line."""
+    """Load NAME.safetensors (or NAME's weights of a sharded checkpoint) into `model`, turning damage
+    into one clear line."""
+    from pglm.train import sharded
+
+    if sharded.is_sharded(ckpt_dir):
+        try:
+            sharded.load_weights(model, ckpt_dir, name)
+        except Exception as e:  # noqa: BLE001 — any failure here means damaged or foreign shards
+            raise UserError(f"{Path(ckpt_dir) / sharded.DIR} does not hold {name} weights of this model "
+                            f"({type(e).__name__}); use an earlier checkpoints/step_N of the run") from None
+        return
     file = Path(ckpt_dir) / f"{name}.safetensors"
     if not file.is_file():
         raise UserError(f"{file} is missing; the checkpoint is incomplete, use an earlier checkpoints/step_N")
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise UserError(f"{file} is damaged or incomplete ({_first_line(e)}); use an earlier "
+                            "checkpoints/step_N of the run") from None
+        mismatch = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line)
+        raise UserError(f"{file} does not match the model in config.json ({mismatch[:200]}); the run directory "
+                        "is inconsistent") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        reason = _first_line(e)
         raise UserError(
             f"{file} is damaged or incomplete ({reason}); use an earlier checkpoints/step_N of the run"
         ) from None
@@ -148,25 +196,40 @@ def load_weights(model, ckpt_dir: Path, name: str = "model") -> None:
         )
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def load_optimizer(optimizer, ckpt_dir: Path, model=None) -> None:
     """Restore the optimizer of `model` (the module it was saved with: a Policy or its wrapper, or a bare
-    model) from optimizer.pt, at any world size. Reads both formats: parameter names (written since
-    checkpoints became independent of the world size) and the positions of older checkpoints."""
+    model) at any world size. Reads the sharded format (`pglm.train.sharded`), optimizer.pt keyed by
+    parameter names (written since checkpoints became independent of the world size), and the
+    position-keyed optimizer.pt of older checkpoints."""
     from pglm import dist
+    from pglm.train import sharded
 
+    if sharded.is_sharded(ckpt_dir):
+        groups = read_json(Path(ckpt_dir) / "state.json").get("optimizer_param_groups")
+        try:
+            sharded.load_optimizer(model, optimizer, ckpt_dir, groups)
+        except Exception as e:  # noqa: BLE001 — any failure here means damaged shards or another model
+            raise UserError(f"{Path(ckpt_dir) / sharded.DIR} does not hold this model's optimizer state "
+                            f"({type(e).__name__}); use an earlier checkpoints/step_N, or start a new run with --init") from None
+        return
     file = Path(ckpt_dir) / "optimizer.pt"
     if not file.is_file():
         raise UserError(f"{file} is missing, so the run cannot resume exactly; start a new run with --init")
     try:
         saved = torch.load(file, map_location="cpu", weights_only=True)
-        if model is None or _by_position(saved):
-            if model is not None and dist.world_size() > 1:
-                saved = _by_name(saved, optimizer, dist.unwrap(model))
-                dist.load_optimizer_state(model, optimizer, saved)
-            else:
-                optimizer.load_state_dict(saved)
-        else:
-            dist.load_optimizer_state(model, optimizer, saved)
+        if model is None or (_by_position(saved) and dist.world_size() == 1):
+            optimizer.load_state_dict(saved)  # positions: the optimizer is built in the same order as before
+            return
+        names = _names(optimizer, dist.unwrap(model))
+        if _by_position(saved):
+            saved = _by_name(saved, names)
+        if sorted(n for g in saved["param_groups"] for n in g["params"]) != sorted(names):
+            raise ValueError("the saved state is of other parameters")
+        dist.load_optimizer_state(model, optimizer, saved)
     except Exception as e:  # noqa: BLE001 — any failure here means a damaged file or another model
         raise UserError(f"{file} is damaged or belongs to another model ({type(e).__name__}); use an earlier "
                         "checkpoints/step_N, or start a new run with --init") from None
@@ -177,10 +240,14 @@ def _by_position(saved: dict) -> bool:
     return bool(groups[0].get("params")) and isinstance(groups[0]["params"][0], int)
 
 
-def _by_name(saved: dict, optimizer, module) -> dict:
-    """An older, position-keyed optimizer state keyed by parameter names instead."""
+def _names(optimizer, module) -> list[str]:
+    """The name of each of the optimizer's parameters, in its order."""
     name_of = {id(p): n for n, p in module.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _by_name(saved: dict, names: list[str]) -> dict:
+    """An older, position-keyed optimizer state keyed by parameter names instead."""
     return {"state": {names[i]: v for i, v in saved["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
 

@@ -50,6 +50,7 @@ class TrainConfig:
     eval_every: int = 200  # steps between validations (and at the end)
     eval_tokens: int = 32768  # validation tokens per periodic evaluation; the final one uses all
     ckpt_every: int = 500  # steps between checkpoints (and at the end)
+    ckpt_format: str = "full"  # full (gathered, any world size) | sharded (each rank its own shards; docs/distributed.md)
     log_every: int = 10  # steps between metrics.jsonl lines
     seed: int = 0  # seeds data order, initialisation and dropout
     device: str = "auto"  # auto | cpu | cuda
@@ -192,7 +193,8 @@ def train_mle(
     first_micro = dist.rank() * cfg.grad_accum  # this rank's first global micro-batch of a step
 
     def checkpoint(at: int):
-        save_checkpoint(run_dir, at, model, optimizer, {"elapsed": metrics.elapsed(), **last_eval})
+        save_checkpoint(run_dir, at, model, optimizer, {"elapsed": metrics.elapsed(), **last_eval},
+                        sharded=cfg.ckpt_format == "sharded")
 
     total = cfg.steps  # the last step; stop_when may bring it forward
     bar = tqdm(total=total, initial=start_step, disable=not progress or not dist.is_main(), desc="train", unit="step")
@@ -229,7 +231,7 @@ def train_mle(
                     bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in last_eval.items() if isinstance(v, float)))
                 model.train()
                 t_log = time.perf_counter()  # evaluation time is not training throughput
-                if stop_when is not None and stop_when(step, last_eval):
+                if stop_when is not None and dist.any_rank(stop_when(step, last_eval)):  # the same step on every rank
                     total = step  # stop early: this step is now the last one
             stopping = dist.any_rank(stop_requested.is_set())  # every rank stops at the same step
             if step % cfg.ckpt_every == 0 or step == total or stopping:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -74,6 +75,7 @@ class RLConfig:
     eval_samples: int = 8  # samples per held-out prompt for pass@k (0: greedy only)
     eval_limit: int | None = None  # held-out prompts evaluated (None: all)
     ckpt_every: int = 100  # steps between checkpoints (and at the end)
+    ckpt_format: str = "full"  # full (gathered, any world size) | sharded (each rank its own shards; docs/distributed.md)
     zero_std_warn_steps: int = 10  # warn when every group had equal rewards this many steps running
     first_step: int = 0  # the step this run starts after (a phase that continues another's numbering)
     seed: int = 0  # seeds prompts, sampling and minibatch order (per step: resume-exact)
@@ -150,8 +152,9 @@ def group_uniforms(seed: int, step: int, first_prompt: int, n_prompts: int, G: i
     Group i, the samples of global prompt first_prompt + i, takes its uniforms from its own generator,
     seeded by (seed, step, global prompt index): whichever rank, rollout chunk or batch the group is
     sampled in, it draws the same tokens."""
-    return torch.cat([torch.rand(G, N, generator=torch_rng(seed, step, "sample", first_prompt + i), dtype=torch.float64)
-                      for i in range(n_prompts)])
+    # numpy's generators, not torch's: a torch CPU generator keeps only 32 bits of its seed.
+    return torch.from_numpy(np.concatenate([numpy_rng(seed, step, "sample", first_prompt + i).random((G, N))
+                                            for i in range(n_prompts)]))
 
 
 def collect_rollout(model, tokenizer, rows: list[dict], reward_fn, cfg: RLConfig, max_new_tokens: int,
@@ -281,6 +284,8 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
                                                or cfg.rollout_batch_size % cfg.group_size):
         raise UserError(f"--rollout-batch-size {cfg.rollout_batch_size} must be a multiple of --group-size "
                         f"{cfg.group_size}: a group is generated together")
+    if cfg.ckpt_format not in ("full", "sharded"):
+        raise UserError(f"--ckpt-format must be full or sharded, not '{cfg.ckpt_format}'")
     if cfg.truncation not in (None, "keep", "mask", "penalise"):
         raise UserError(f"--truncation must be keep, mask or penalise, not '{cfg.truncation}'")
     if cfg.temperature <= 0:
@@ -352,7 +357,7 @@ def train_rl(
         state = {"elapsed": metrics.elapsed(), **last_eval}
         if baseline is not None:
             state["baseline"] = baseline.state_dict()
-        save_checkpoint(run_dir, at, wrapped, optimizer, state)
+        save_checkpoint(run_dir, at, wrapped, optimizer, state, sharded=cfg.ckpt_format == "sharded")
 
     def evaluate(at: int):
         nonlocal last_eval
@@ -372,7 +377,7 @@ def train_rl(
             t0 = time.perf_counter()
             # 1. Rollout: G samples for each of this rank's prompts, with the sampler's log-probs.
             rows = draw_rows(step)[dist.rank() * P_local : (dist.rank() + 1) * P_local]
-            ro = collect_rollout(evaluated if not fused else policy.model, tokenizer, rows, reward_fn, cfg, N, step,
+            ro = collect_rollout(evaluated, tokenizer, rows, reward_fn, cfg, N, step,
                                  first_prompt=dist.rank() * P_local, fused=fused, all_finished=all_finished)
             rewards, loss_mask, zero_std = shape_rewards(ro.rewards, ro.finished, ro.mask, G, truncation,
                                                          cfg.truncation_penalty, preset.drop_zero_std_groups)
@@ -413,7 +418,8 @@ def train_rl(
                 ro.rewards.sum(), (ro.rewards ** 2).sum(), ro.mask.sum(), zero_std.sum(), (~ro.finished).sum(),
                 kl_tok.sum(),
             ]).to(torch.float64)
-            (r_sum, r_sq, n_tok, n_zero, n_trunc, kl_sum), sums = dist.all_sum(local).tolist(), dist.all_sum(sums)
+            totals = dist.all_sum(torch.cat([local, sums]))
+            (r_sum, r_sq, n_tok, n_zero, n_trunc, kl_sum), sums = totals[: len(local)].tolist(), totals[len(local) :]
             n_updates = round(float(sums[UPDATES]) / W)
             # A step with nothing to learn from (every token masked) logs its loss statistics as null.
             row = dict.fromkeys(("loss", "grad_norm", "entropy", "clip_frac", "approx_kl"), float("nan"))
