@@ -87,10 +87,19 @@ def shutdown() -> None:
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of `x` over ranks (a new tensor; `x` itself at world 1)."""
+    return _all_reduce(x, "SUM")
+
+
+def all_max_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of `x` over ranks (`x` itself at world 1)."""
+    return _all_reduce(x, "MAX")
+
+
+def _all_reduce(x: torch.Tensor, op: str) -> torch.Tensor:
     if world_size() == 1:
         return x
     x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
     return x
 
 
@@ -100,15 +109,6 @@ def all_max(n: int) -> int:
     t = torch.tensor([n], dtype=torch.long, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
-
-
-def all_max_tensor(x: torch.Tensor) -> torch.Tensor:
-    """The elementwise maximum of `x` over ranks (`x` itself at world 1)."""
-    if world_size() == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return x
 
 
 def any_rank(flag: bool) -> bool:

@@ -88,8 +88,11 @@ def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     zero-probability token is never drawn (its cumulative sum does not rise past u·total).
     """
     cdf = probs.cumsum(-1)  # (B, V)
-    target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]  # (B, 1), strictly below the total
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
+    total = cdf[:, -1:]  # (B, 1)
+    # u·total, kept strictly below the total: in float32 a u near 1 would round up to it and land past
+    # the last token of non-zero probability
+    target = torch.minimum(u.to(cdf.dtype)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def sample_next(

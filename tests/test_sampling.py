@@ -96,3 +96,20 @@ def test_prompt_longer_than_context():
     model = tiny("gpt")
     with pytest.raises(UserError, match="context is 32"):
         generate(model, [[1] * 40], 4, eos_id=EOS, pad_id=PAD)
+
+
+def test_inverse_cdf_draws_by_the_uniform_and_never_a_zero_probability_token():
+    from pglm.sampling import draw_from
+
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]] * 5)  # unnormalised is fine too: × 4 below
+    u = torch.tensor([0.0, 0.2499, 0.25, 0.9, 1 - 1e-12], dtype=torch.float64)
+    assert draw_from(probs, u).tolist() == [1, 1, 3, 3, 3]
+    assert draw_from(4 * probs, u).tolist() == [1, 1, 3, 3, 3]
+    # float32 rounding of u·total must not reach the zero-probability tail
+    assert draw_from(torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float32), torch.tensor([1 - 1e-9])).tolist() == [1]
+    # the frequencies are the probabilities (10,000 uniforms, 4 standard deviations)
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.1, 0.6, 0.3])
+    draws = draw_from(p.expand(10_000, 3), torch.rand(10_000, generator=g, dtype=torch.float64))
+    freq = torch.bincount(draws, minlength=3).double() / 10_000
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / 10_000).sqrt()).all(), freq
