@@ -94,24 +94,6 @@ def test_torchrun_pretrain_and_sft_equal_one_process(tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_save_at_two_ranks_resume_at_one_and_three(init, tmp_path):
-    flags = ["rl", "--init", str(init), "--algo", "ppo", "--minibatches", "2", *RL]
-    assert main([*flags, "--steps", "4", "--out", str(tmp_path / "straight")]) == 0
-    for world in (1, 3):
-        out = tmp_path / f"w{world}"
-        r = torchrun(2, [*flags, "--steps", "2", "--out", str(out)])
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert json.loads((out / "checkpoints" / "step_2" / "state.json").read_text())["world_size"] == 2
-        if world == 1:
-            assert main(["rl", "--out", str(out), "--resume", "--steps", "4", "--quiet"]) == 0
-        else:
-            r = torchrun(3, ["rl", "--out", str(out), "--resume", "--steps", "4", "--quiet"])
-            assert r.returncode == 0, r.stderr[-2000:]
-        assert max_rel_diff(weights(out), weights(tmp_path / "straight")) < 1e-5
-        assert [row["reward_mean"] for row in rl_rows(out)] == [row["reward_mean"] for row in rl_rows(tmp_path / "straight")]
-
-
-@pytest.mark.slow
 def test_a_reward_that_fails_on_rank_one_ends_both_ranks_with_one_line(init, tmp_path):
     reward = tmp_path / "r.py"
     reward.write_text("import torch.distributed as d\n"
@@ -278,7 +260,10 @@ def test_sharded_checkpoints_resume_on_the_same_trajectory(init, tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_checkpoint_of_two_fsdp2_ranks_resumes_at_one_and_three(init, tmp_path):
+@pytest.mark.parametrize("mode,fmt", [("ddp", "full"), ("fsdp2", "sharded")])
+def test_save_at_two_ranks_resume_at_one_and_three(init, tmp_path, mode, fmt):
+    """A run saved by 2 ranks (DDP and full checkpoints, or FSDP2 and sharded ones) resumes on 1 process
+    and on 3 ranks, and ends where the uninterrupted one-process run ends."""
     # No KL here: at step 1 the policy is its reference, so k1 is float32 rounding noise, and with no
     # reward signal PPO's whitening makes that noise the update (docs/distributed.md): a sum in another
     # order then moves the weights by 7e-3. tests/test_dist.py covers FSDP2 with KL, in float64.
@@ -286,13 +271,17 @@ def test_sharded_checkpoint_of_two_fsdp2_ranks_resumes_at_one_and_three(init, tm
     assert main([*flags, "--steps", "4", "--out", str(tmp_path / "straight")]) == 0
     for world in (1, 3):
         out = tmp_path / f"w{world}"
-        r = torchrun(2, [*flags, "--steps", "2", "--dist", "fsdp2", "--ckpt-format", "sharded", "--out", str(out)])
+        r = torchrun(2, [*flags, "--steps", "2", "--dist", mode, "--ckpt-format", fmt, "--out", str(out)])
         assert r.returncode == 0, r.stderr[-3000:]
-        assert len(list((out / "checkpoints" / "step_2" / "sharded").glob("*.safetensors"))) >= 2  # a shard per rank
+        step2 = out / "checkpoints" / "step_2"
+        assert json.loads((step2 / "state.json").read_text())["world_size"] == 2
+        if fmt == "sharded":
+            assert len(list((step2 / "sharded").glob("*.safetensors"))) >= 2  # a shard per rank
+        resume = ["rl", "--out", str(out), "--resume", "--steps", "4", "--quiet"]
         if world == 1:
-            assert main(["rl", "--out", str(out), "--resume", "--steps", "4", "--quiet"]) == 0
+            assert main(resume) == 0
         else:
-            r = torchrun(3, ["rl", "--out", str(out), "--resume", "--steps", "4", "--dist", "fsdp2", "--quiet"])
+            r = torchrun(3, [*resume, "--dist", mode])
             assert r.returncode == 0, r.stderr[-3000:]
         assert [row["reward_mean"] for row in rl_rows(out)] == [row["reward_mean"] for row in rl_rows(tmp_path / "straight")]
         assert max_rel_diff(state_of(out), state_of(tmp_path / "straight")) < 1e-5
