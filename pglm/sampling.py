@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pglm.errors import UserError
+from pglm.models.policy import Policy, max_context
 from pglm.pg.losses import token_entropy
 
 
@@ -158,12 +159,12 @@ def _generate(
     device = next(model.parameters()).device
     prompt_tokens, n_pad = left_pad(prompts, pad_id)  # (B0, P), (B0,)
     B0, P = prompt_tokens.shape
-    block = getattr(model.config, "block_size", None)
-    if model.config.arch != "lstm" and P > block:
+    block = max_context(model)
+    if block is not None and P > block:
         raise UserError(
             f"the prompt is {P} tokens but the model's context is {block}; shorten the prompt"
         )
-    if model.config.arch != "lstm":
+    if block is not None:
         max_new_tokens = min(max_new_tokens, block - P)
     B, N = B0 * group_size, max_new_tokens
     prompt_tokens, n_pad = prompt_tokens.to(device), n_pad.to(device)
@@ -264,8 +265,6 @@ def completion_text(tokenizer, ids: list[int]) -> str:
 def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, **kwargs) -> tuple[Generation, list[str]]:
     """Text prompts in (each as `tokenizer.prompt_ids`: <bos> prompt), the generation and the text a reward sees of every row
     out; with group_size G, rows i·G .. i·G + G − 1 are prompt i's samples. kwargs go to `generate`."""
-    from pglm.models.policy import Policy
-
     ids = [tokenizer.prompt_ids(p) for p in prompts]
     sample = model.generate if isinstance(model, Policy) else partial(generate, model)  # FSDP2 needs the former
     g = sample(ids, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kwargs)

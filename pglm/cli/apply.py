@@ -97,12 +97,13 @@ def _looks_like_sft(path):
 def _sample(run, prompts: list[str], args, group_size: int):
     import torch
 
+    from pglm.models.policy import max_context
     from pglm.sampling import generate
 
     tok, model = run.tokenizer, run.model
     ids = [tok.prompt_ids(p) for p in prompts]
     P = max(len(i) for i in ids)
-    if model.config.arch != "lstm":
+    if max_context(model) is not None:
         if P > model.config.block_size:
             raise UserError(
                 f"the prompt is {P} tokens but the model's context is {model.config.block_size}; shorten the prompt"

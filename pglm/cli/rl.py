@@ -18,7 +18,7 @@ def cmd_rl(args):
     from pglm import dist
     from pglm.cli.flags import apply_lora
     from pglm.data import read_prompt_rows, render_prompts
-    from pglm.models.policy import POLICY_METHODS, Policy
+    from pglm.models.policy import POLICY_METHODS, Policy, max_context
     from pglm.pg.advantages import MovingBaseline
     from pglm.pg.presets import describe, get_preset
     from pglm.rewards.loader import load_rewards
@@ -95,7 +95,7 @@ def cmd_rl(args):
         except UserError as e:
             raise UserError(f"the tokenizer of {args.init or out} cannot encode the prompts ({e}); "
                             "start from a model trained on text like them") from None
-        if model.config.arch != "lstm" and longest + N > model.config.block_size:
+        if max_context(model) is not None and longest + N > max_context(model):
             raise UserError(f"prompts of {longest} tokens plus --max-new-tokens {N} exceed the model's context of "
                             f"{model.config.block_size}; lower --max-new-tokens")
         value_head = ValueHead(model.config.d_model).to(device) if preset.advantage == "gae" else None

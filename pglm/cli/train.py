@@ -259,9 +259,7 @@ def cmd_sft(args):
                       start_step=start, metrics=metrics, progress=not args.quiet)
     if task is not None:
         from pglm.evaluate import evaluate_task
-        from pglm.models.policy import policy_of
-
-        final = {**final, **{f"task_{k}": v for k, v in evaluate_task(policy_of(model), tokenizer, task).items()}}
+        final = {**final, **{f"task_{k}": v for k, v in evaluate_task(dist.unwrap(model), tokenizer, task).items()}}
         if dist.is_main():
             print(f"{task.name}: greedy accuracy {final['task_accuracy']:.3f} on {final['task_n_prompts']} held-out problems")
     finish_run(out, config, final, metrics, "sft")

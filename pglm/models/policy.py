@@ -91,11 +91,3 @@ class Policy(nn.Module):
             out[1] += (logits.argmax(-1) == yc)[mc].sum()
         out[2] = mask.sum()
         return out
-
-
-def policy_of(module: nn.Module) -> Policy:
-    """The Policy inside `module` (itself, or what DDP wraps)."""
-    inner = getattr(module, "module", module)
-    if not isinstance(inner, Policy):
-        raise TypeError(f"expected a Policy or a DDP of one, got {type(module).__name__}")
-    return inner

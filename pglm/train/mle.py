@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from pglm import dist
 from pglm.data import Batch
 from pglm.evaluate import evaluate_lm
-from pglm.models.policy import Policy, policy_of
+from pglm.models.policy import Policy
 from pglm.pg.logprobs import masked_mean_nll
 from pglm.rng import numpy_rng, seed_of
 from pglm.train.checkpoint import save_checkpoint
@@ -133,7 +132,7 @@ def mle_step(model, optimizer, micro: list[Batch], grad_clip: float, autocast=co
     wait for the device at every step; the loss is this rank's share (sum it over ranks). The
     benchmarks (benchmarks/mle_vs_hf.py) time this function.
     """
-    scorer = model if isinstance(model, (Policy, nn.parallel.DistributedDataParallel)) else Policy(model)
+    scorer = model if isinstance(dist.unwrap(model), Policy) else Policy(model)
     # One optimizer step may be several micro-batches on several ranks. The loss is normalised by the
     # token count of the whole step, so accumulation and ranks give the gradient of the whole batch.
     # DDP and FSDP2 average the ranks' gradients, hence the factor W on each rank's loss.
@@ -181,9 +180,9 @@ def train_mle(
     rank r the global ones r·grad_accum … (r + 1)·grad_accum − 1, so a world of W ranks trains on
     what one process with W·grad_accum micro-batches trains on. Only rank 0 writes.
     """
-    if not isinstance(model, (Policy, nn.parallel.DistributedDataParallel)):
+    if not isinstance(dist.unwrap(model), Policy):
         model = Policy(model)
-    policy = policy_of(model)
+    policy = dist.unwrap(model)
     device = next(model.parameters()).device
     autocast = autocast_for(device)
     metrics = metrics or MetricsLog(run_dir)
