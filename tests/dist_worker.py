@@ -84,7 +84,7 @@ def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.floa
         preset = replace(preset, kl_placement="loss")
     model = tiny_model(dtype)
     ref = frozen_copy(model) if beta > 0 else None
-    value_head = ValueHead(16).to(dtype) if preset.advantage == "gae" else None
+    value_head = ValueHead(16).to(dtype) if preset.estimator.values else None
     # epochs × minibatches × micro-batches, all different: 2 × 2 × (rows / 2 per micro-batch)
     cfg = RLConfig(algo=algo, steps=2, prompts_per_step=6, group_size=2, warmup_steps=1, beta=beta, epochs=2,
                    minibatches=2, micro_batch_size=micro, rollout_batch_size=rollout, eval_every=100, ckpt_every=100,
@@ -113,7 +113,7 @@ def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.floa
             rows = draw
             draw = lambda step: [{**r, "half": i >= P // 2} for i, r in enumerate(rows(step))]  # noqa: E731
         train_rl(wrapped, TASK.tokenizer(), preset, cfg, draw, half_reward if masked_half else reward, None, 4,
-                 out, optimizer, ref_model=ref, baseline=MovingBaseline() if preset.advantage == "moving" else None,
+                 out, optimizer, ref_model=ref, baseline=MovingBaseline() if preset.estimator.state else None,
                  metrics=MetricsLog(out), progress=False)
     finally:
         rl.collect_rollout = real

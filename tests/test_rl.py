@@ -5,10 +5,12 @@ import os
 import signal
 
 import pytest
+import torch
 from helpers import error_line
 
 import pglm.train.rl
 from pglm.cli import main
+from pglm.errors import UserError
 from pglm.pg.presets import PRESETS
 from pglm.runs import load_run
 
@@ -188,7 +190,31 @@ def test_a_fused_rollout_updates_the_model_exactly_as_a_separate_scoring_pass(in
 
 
 def test_describe_announces_the_truncation_the_flag_set():
-    from pglm.pg.presets import describe, get_preset
+    from pglm.pg.presets import describe, get_preset, resolve
 
     assert describe(get_preset("grpo"), 0.0, 8, 4).endswith("truncated responses: keep  [DeepSeekMath, arXiv 2402.03300]")
-    assert "truncated responses: mask" in describe(get_preset("grpo"), 0.0, 8, 4, truncation="mask")
+    assert "truncated responses: mask" in describe(resolve(get_preset("grpo"), truncation="mask"), 0.0, 8, 4)
+
+
+def test_the_effective_recipe_applies_the_flags_once():
+    from pglm.pg.presets import get_preset, resolve
+
+    r = resolve(get_preset("dapo"), truncation=None, lr=None)
+    assert (r.truncation, r.lr) == ("mask", get_preset("dapo").lr)  # the preset's own when no flag is set
+    r = resolve(get_preset("dapo"), truncation="penalise", lr=3e-4)
+    assert (r.truncation, r.lr, r.clip_high) == ("penalise", 3e-4, 0.28)  # the rest stays the preset's
+    with pytest.raises(UserError, match="--truncation must be"):
+        resolve(get_preset("grpo"), truncation="drop")
+
+
+@pytest.mark.parametrize("name", ["moving", "rloo", "grpo", "dr_grpo"])
+def test_the_estimator_registry_says_which_advantages_vanish_on_equal_rewards(name):
+    """`groups` is what the zero-variance warning and the G ≥ 2 check read: it must be true exactly of
+    the estimators whose advantages are all 0 when a group's rewards agree."""
+    from pglm.pg.advantages import MovingBaseline
+    from pglm.pg.presets import ESTIMATORS, Preset
+    from pglm.train.rl import compute_advantages
+
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # two groups of 3, equal within each
+    a = compute_advantages(Preset(name, name, "token-mean"), rewards, 3, MovingBaseline(b=0.5))
+    assert bool((a == 0).all()) == ESTIMATORS[name].groups

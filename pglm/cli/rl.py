@@ -20,7 +20,7 @@ def cmd_rl(args):
     from pglm.data import read_prompt_rows, render_prompts
     from pglm.models.policy import POLICY_METHODS, Policy, max_context
     from pglm.pg.advantages import MovingBaseline
-    from pglm.pg.presets import describe, get_preset
+    from pglm.pg.presets import describe, get_preset, resolve
     from pglm.rewards.loader import load_rewards
     from pglm.runs import load_run
     from pglm.tasks import get_task
@@ -58,6 +58,7 @@ def cmd_rl(args):
     preset = get_preset(cfg.algo)
     device = dist.init(cfg.device, args.dist)
     check_shapes(preset, cfg)
+    recipe = resolve(preset, cfg.truncation, cfg.lr)  # what the run optimises; train_rl resolves the same
     if dist.sharded_mode(args.dist) and args.lora_r:
         raise UserError("--dist fsdp2 with --lora-r is not supported yet; use --dist ddp (LoRA's optimizer state "
                         "is small, so every rank can hold it)")
@@ -98,9 +99,8 @@ def cmd_rl(args):
         if max_context(model) is not None and longest + N > max_context(model):
             raise UserError(f"prompts of {longest} tokens plus --max-new-tokens {N} exceed the model's context of "
                             f"{model.config.block_size}; lower --max-new-tokens")
-        value_head = ValueHead(model.config.d_model).to(device) if preset.advantage == "gae" else None
-        baseline = MovingBaseline() if preset.advantage == "moving" else None
-        lr = cfg.lr if cfg.lr is not None else preset.lr
+        value_head = ValueHead(model.config.d_model).to(device) if recipe.estimator.values else None
+        baseline = MovingBaseline() if recipe.estimator.state else None
         if args.resume and value_head is not None:
             load_weights(value_head, init.ckpt_dir, "value_head")
         if args.resume:
@@ -125,7 +125,7 @@ def cmd_rl(args):
             metrics = MetricsLog(out)
     # The one module training calls (DDP or FSDP2 of it under torchrun), and its optimizer after it.
     model = dist.wrap(Policy(model, value_head), args.dist, device, POLICY_METHODS)
-    optimizer = make_rl_optimizer(model, None, lr, cfg)
+    optimizer = make_rl_optimizer(model, None, recipe.lr, cfg)
     if args.resume:  # the run directory changes only once everything has loaded
         load_optimizer(optimizer, init.ckpt_dir, model)
         metrics = MetricsLog(out, resume_step=start, elapsed=state.get("elapsed", 0.0))
@@ -134,9 +134,9 @@ def cmd_rl(args):
     if ref_model is not None and dist.sharded(model):  # sharded like the policy
         ref_model = dist.wrap(Policy(ref_model), args.dist, device)
     if dist.is_main():
-        print(describe(preset, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam, cfg.truncation), file=sys.stderr)
+        print(describe(recipe, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
         print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} sample{'s' if cfg.group_size > 1 else ''} per step, "
-              f"lr {lr:g}, {cfg.steps} steps from {config['init']} → {out}"
+              f"lr {recipe.lr:g}, {cfg.steps} steps from {config['init']} → {out}"
               + (f", {dist.world_size()} processes ({args.dist or 'ddp'})" if dist.world_size() > 1 else ""),
               file=sys.stderr)
     evaluator = None

@@ -7,15 +7,38 @@ the resulting objective in one line, so a user sees exactly what is being optimi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 
 from pglm.errors import UserError
+from pglm.pg import advantages as adv
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator and what the loop needs to know of it (docs/estimators.md §1)."""
+
+    formula: str  # as `describe` writes it
+    groups: bool = False  # compares the G samples of a prompt: needs G ≥ 2, and is all 0 when their rewards agree
+    values: bool = False  # per token, from a value head (GAE): the policy carries one
+    state: bool = False  # a baseline carried from step to step (and checkpointed)
+    fn: Callable | None = None  # (rewards (B,), G) -> advantages (B,): the stateless sequence-level ones
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "moving": Estimator("A = R − b (b: moving mean of earlier batches)", state=True),
+    "rloo": Estimator("A = R − mean of the other G−1 rewards", groups=True, fn=adv.rloo),
+    "grpo": Estimator("A = (R − mean_G R) / (std_G R + 1e-6)", groups=True, fn=partial(adv.grpo, scale="group")),
+    "dr_grpo": Estimator("A = R − mean_G R", groups=True, fn=partial(adv.grpo, scale="none")),
+    "gae": Estimator("A = GAE(γ, λ) from a value head, whitened", values=True),
+}
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
-    advantage: str  # moving | rloo | grpo | dr_grpo | gae
+    advantage: str  # a key of ESTIMATORS
     agg: str  # aggregation of the per-token loss (pglm.pg.losses.AGG_MODES)
     level: str = "token"  # importance ratio per token, or per sequence (GSPO)
     clip_low: float = 0.2  # ratio clip 1 − ε_low
@@ -26,6 +49,10 @@ class Preset:
     lr: float = 5e-5  # default learning rate, safe on add2 (docs/rl.md)
     whiten: bool = False  # whiten the GAE advantages over the batch's valid tokens (ppo)
     source: str = ""  # where the recipe comes from
+
+    @property
+    def estimator(self) -> Estimator:
+        return ESTIMATORS[self.advantage]
 
 
 PRESETS: dict[str, Preset] = {
@@ -50,13 +77,13 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-_ADV = {
-    "moving": "A = R − b (b: moving mean of earlier batches)",
-    "rloo": "A = R − mean of the other G−1 rewards",
-    "grpo": "A = (R − mean_G R) / (std_G R + 1e-6)",
-    "dr_grpo": "A = R − mean_G R",
-    "gae": "A = GAE(γ, λ) from a value head, whitened",
-}
+def resolve(p: Preset, truncation: str | None = None, lr: float | None = None) -> Preset:
+    """The effective recipe: the preset with the flags that override it (--truncation, --lr) applied,
+    resolved once, so that the loop, `describe` and the CLI read the same thing."""
+    if truncation not in (None, "keep", "mask", "penalise"):
+        raise UserError(f"--truncation must be keep, mask or penalise, not '{truncation}'")
+    return replace(p, truncation=truncation or p.truncation, lr=p.lr if lr is None else lr)
+
 _AGG = {
     "token-mean": "Σ_i Σ_t … / Σ_i |y_i|",
     "seq-mean-token-mean": "(1/B) Σ_i (1/|y_i|) Σ_t …",
@@ -65,21 +92,20 @@ _AGG = {
 }
 
 
-def describe(p: Preset, beta: float, group_size: int, max_new_tokens: int, gamma: float = 1.0, lam: float = 0.95,
-             truncation: str | None = None) -> str:
-    """The objective in one line, e.g. for the start of `pglm rl`; `truncation` is --truncation when set."""
+def describe(p: Preset, beta: float, group_size: int, max_new_tokens: int, gamma: float = 1.0, lam: float = 0.95) -> str:
+    """The objective of recipe `p` (see `resolve`) in one line, e.g. for the start of `pglm rl`."""
     ratio = "r = exp(mean_t log π/π_old) per sequence" if p.level == "sequence" else "r_t = π/π_old per token"
-    adv = _ADV[p.advantage].replace("GAE(γ, λ)", f"GAE(γ={gamma}, λ={lam})")
+    advantage = p.estimator.formula.replace("GAE(γ, λ)", f"GAE(γ={gamma}, λ={lam})")
     kl = "no KL"
     if beta > 0:
         if p.kl_placement == "loss":
             kl = f"+ {beta}·k3(π, π_ref) per token in the loss"
-        elif p.advantage == "gae":
+        elif p.estimator.values:
             kl = f"r_t −= {beta}·(log π_old − log π_ref) per token (k1 in the reward)"
         else:
             kl = f"R −= {beta}·Σ_t (log π_old − log π_ref) (k1 in the reward)"
     agg = _AGG[p.agg].replace("L_max", f"L_max={max_new_tokens}")
     return (f"{p.name}: minimise −{agg} min(r·A, clip(r, {1 - p.clip_low:g}, {1 + p.clip_high:g})·A); {ratio}; "
-            f"{adv}, G={group_size}; {kl}; truncated responses: {truncation or p.truncation}"
+            f"{advantage}, G={group_size}; {kl}; truncated responses: {p.truncation}"
             + ("; groups with equal rewards dropped" if p.drop_zero_std_groups else "")
             + (f"  [{p.source}]" if p.source else ""))

@@ -39,7 +39,7 @@ from pglm.pg import advantages as adv_fns
 from pglm.pg.kl import kl_estimate
 from pglm.pg.logprobs import CHUNK_ELEMENTS, head_logprobs
 from pglm.pg.losses import aggregate, policy_loss, value_loss
-from pglm.pg.presets import Preset
+from pglm.pg.presets import Preset, resolve
 from pglm.rewards.loader import call_reward
 from pglm.rng import numpy_rng, python_rng, torch_rng
 from pglm.sampling import complete, concat_generations
@@ -242,16 +242,14 @@ def _scored(scorer, ro: Rollout, idx: torch.Tensor, temperature: float, with_ent
 
 
 def compute_advantages(p: Preset, rewards, G: int, baseline: adv_fns.MovingBaseline | None):
-    """Sequence-level advantages (B,) for every preset but ppo."""
-    if p.advantage == "moving":  # the baseline moves by the mean reward of the whole step, all ranks
+    """Sequence-level advantages (B,) for every estimator but GAE."""
+    if p.estimator.state:  # the moving baseline moves by the mean reward of the whole step, all ranks
         total = dist.all_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()), dtype=rewards.dtype,
                                                                          device=rewards.device)]))
         return baseline.advantages(rewards, batch_mean=float(total[0] / total[1]))
-    if p.advantage == "rloo":
-        return adv_fns.rloo(rewards, G)
-    if p.advantage in ("grpo", "dr_grpo"):
-        return adv_fns.grpo(rewards, G, scale="group" if p.advantage == "grpo" else "none")
-    raise ValueError(f"no sequence-level advantage for {p.advantage!r}")
+    if p.estimator.fn is None:
+        raise ValueError(f"no sequence-level advantage for {p.advantage!r}")
+    return p.estimator.fn(rewards, G)
 
 
 def check_shapes(p: Preset, cfg: RLConfig) -> None:
@@ -259,7 +257,7 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
     B = cfg.prompts_per_step * cfg.group_size
     if cfg.prompts_per_step < 1 or cfg.group_size < 1 or cfg.steps < 1:
         raise UserError("--steps, --prompts-per-step and --group-size must be positive")
-    if p.advantage in ("rloo", "grpo", "dr_grpo") and cfg.group_size < 2:
+    if p.estimator.groups and cfg.group_size < 2:
         raise UserError(f"{p.name} compares the samples of a prompt with each other, so it needs --group-size 2 or more")
     if cfg.epochs < 1 or cfg.minibatches < 1:
         raise UserError("--epochs and --minibatches must be at least 1")
@@ -286,8 +284,7 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
                         f"{cfg.group_size}: a group is generated together")
     if cfg.ckpt_format not in ("full", "sharded"):
         raise UserError(f"--ckpt-format must be full or sharded, not '{cfg.ckpt_format}'")
-    if cfg.truncation not in (None, "keep", "mask", "penalise"):
-        raise UserError(f"--truncation must be keep, mask or penalise, not '{cfg.truncation}'")
+    resolve(p, cfg.truncation, cfg.lr)  # the flags that override the preset are valid
     if cfg.temperature <= 0:
         raise UserError("--temperature must be > 0")
     for name in ("eval_every", "ckpt_every", "warmup_steps"):
@@ -328,6 +325,7 @@ def train_rl(
     steps and at the end. Ctrl-C finishes the step, checkpoints and raises.
     """
     check_shapes(preset, cfg)
+    recipe = resolve(preset, cfg.truncation, cfg.lr)  # the effective recipe: the preset as the flags change it
     if cfg.beta > 0 and ref_model is None:
         raise ValueError("beta > 0 needs ref_model, the frozen model the KL is measured against")
     wrapped = model if isinstance(dist.unwrap(model), Policy) else Policy(model, value_head)
@@ -340,11 +338,9 @@ def train_rl(
     B, B_local = cfg.prompts_per_step * G, P_local * G  # completions of the step, of this rank
     first_row = dist.rank() * B_local  # this rank's first row in the step's global order
     # Only group-relative advantages are all zero when a group's rewards are equal.
-    group_relative = preset.advantage in ("rloo", "grpo", "dr_grpo") and G > 1
-    truncation = cfg.truncation or preset.truncation
-    lr = cfg.lr if cfg.lr is not None else preset.lr
+    group_relative = recipe.estimator.groups and G > 1
     fused = W == 1 and cfg.rollout_batch_size in (None, B) and cfg.micro_batch_size in (None, B) and \
-        fuses_scoring(preset, cfg, value_head, B, N, policy.model.lm_head.weight.shape[0])
+        fuses_scoring(recipe, cfg, value_head, B, N, policy.model.lm_head.weight.shape[0])
     all_finished = dist.all_ranks if dist.sharded(wrapped) else None  # FSDP2: decode in step on every rank
     evaluated = policy.model if W == 1 else policy  # under FSDP2 generation goes through the Policy
     wrapped.eval()  # no dropout anywhere in RL (module docstring)
@@ -367,7 +363,7 @@ def train_rl(
         metrics.log(at, "eval", **last_eval)
         say(f"step {at}: " + "  ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if k != "n_prompts"))
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress or not dist.is_main(), desc=preset.name,
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress or not dist.is_main(), desc=recipe.name,
                unit="step")
     if start_step == cfg.first_step:
         evaluate(start_step)
@@ -379,8 +375,8 @@ def train_rl(
             rows = draw_rows(step)[dist.rank() * P_local : (dist.rank() + 1) * P_local]
             ro = collect_rollout(evaluated, tokenizer, rows, reward_fn, cfg, N, step,
                                  first_prompt=dist.rank() * P_local, fused=fused, all_finished=all_finished)
-            rewards, loss_mask, zero_std = shape_rewards(ro.rewards, ro.finished, ro.mask, G, truncation,
-                                                         cfg.truncation_penalty, preset.drop_zero_std_groups)
+            rewards, loss_mask, zero_std = shape_rewards(ro.rewards, ro.finished, ro.mask, G, recipe.truncation,
+                                                         cfg.truncation_penalty, recipe.drop_zero_std_groups)
 
             # 2. KL to the reference, in the reward (k1 of the sampler's log-probs) or later in the loss.
             ref_logp = None
@@ -388,29 +384,29 @@ def train_rl(
             if ref_model is not None:
                 ref_logp = score_rows(ref_model, ro, cfg)
                 kl_tok = kl_estimate(ro.old_logp, ref_logp, "k1") * ro.mask  # k1 per token (B, N)
-            kl_in_reward = cfg.beta > 0 and preset.kl_placement == "reward"
+            kl_in_reward = cfg.beta > 0 and recipe.kl_placement == "reward"
 
             # 3. Advantages; every statistic over the batch is over the whole step, all ranks.
             old_values = returns = None
             with torch.no_grad():
-                if preset.advantage == "gae":
+                if recipe.estimator.values:
                     old_values = score_rows(wrapped, ro, cfg, with_values=True)  # (B, N)
                     last = ro.mask.long().sum(1).clamp(min=1) - 1  # (B,) index of the last valid token
                     tok_rewards = -cfg.beta * kl_tok if kl_in_reward else torch.zeros_like(kl_tok)
                     tok_rewards[torch.arange(B_local, device=device), last] += rewards  # reward on the last token (§2.13)
                     advantages, returns = adv_fns.gae(tok_rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
-                    if preset.whiten:
+                    if recipe.whiten:
                         any_kept = dist.all_sum(loss_mask.sum()) > 0
                         advantages = adv_fns.whiten(advantages, loss_mask if any_kept else ro.mask, reduce=dist.all_sum)
                 else:
                     seq_rewards = rewards - cfg.beta * kl_tok.sum(1) if kl_in_reward else rewards
-                    advantages = compute_advantages(preset, seq_rewards, G, baseline)  # (B,)
+                    advantages = compute_advantages(recipe, seq_rewards, G, baseline)  # (B,)
 
             # 4. Epochs × minibatches (one optimizer step each) × micro-batches (one backward each).
             for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, (step - cfg.first_step + 1) / max(1, cfg.warmup_steps))
+                group["lr"] = recipe.lr * min(1.0, (step - cfg.first_step + 1) / max(1, cfg.warmup_steps))
             sums = update(wrapped, optimizer, params, ro, advantages, loss_mask, ref_logp, old_values, returns,
-                          preset, cfg, step, N, B, first_row, fused)
+                          recipe, cfg, step, N, B, first_row, fused)
             step += 1
 
             # 5. Log: every figure is over the whole step (all ranks), summed in one collective.
