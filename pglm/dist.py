@@ -169,12 +169,14 @@ class SharedUserError(UserError):
 
 # ---- the wrapped module ----
 
-def wrap(policy: nn.Module, mode: str | None, device: torch.device, methods: tuple[str, ...] = ()) -> nn.Module:
+def wrap(policy: nn.Module, mode: str | None, device: torch.device, methods: tuple[str, ...] = (),
+         offload: bool = False) -> nn.Module:
     """The module training calls: `policy` itself at world 1; DDP or FSDP2 of it otherwise.
 
     FSDP2 shards each transformer block, then the root (the FSDP2 recipe of torchtitan and of the
     PyTorch FSDP2 tutorial), and registers `methods` (generation, evaluation) so that calling them
     gathers the root's parameters as `forward` does (without it they fail on mixed Tensor/DTensor).
+    `offload` (FSDP2; the frozen reference model) keeps the shards in CPU memory between uses.
     """
     if world_size() == 1:
         return policy
@@ -190,12 +192,19 @@ def wrap(policy: nn.Module, mode: str | None, device: torch.device, methods: tup
             inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False}  # the name since torch 2.12
         return DDP(policy, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     mesh = init_device_mesh(device.type, (world_size(),))
+    # pinned host memory only where there is a GPU to copy to
+    where = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     for block in transformer_blocks(policy):
-        fully_shard(block, mesh=mesh)
-    fully_shard(policy, mesh=mesh)
+        fully_shard(block, mesh=mesh, offload_policy=where)
+    fully_shard(policy, mesh=mesh, offload_policy=where)
     for name in methods:
         register_fsdp_forward_method(policy, name)
     return policy

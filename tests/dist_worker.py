@@ -37,6 +37,27 @@ def tiny_model(dtype=torch.float64):
     return build_model(cfg).to(dtype)
 
 
+def tiny_lora_model(dtype=torch.float64):
+    """A tiny random GPT-2 behind pglm's HF interface, with LoRA adapters on its attention that already
+    move the policy (lora_B ≠ 0), so the reference, the same model with its adapter off, differs from it.
+    GPT-2 rather than Llama: transformers' Llama computes its RMSNorm in float32 whatever the weights'
+    dtype, so a float64 Llama is exact only to ~1e-7 (and a world of 3, whose loss is scaled by 3,
+    rounds differently from one process)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pglm.models.hf import add_lora, wrap_hf
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=TASK.tokenizer().vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    model = wrap_hf(GPT2LMHeadModel(config))
+    add_lora(model, 2, 4.0, ["c_attn"])
+    with torch.no_grad():
+        for n, q in model.named_parameters():
+            if "lora_B" in n:
+                q.normal_(0, 0.3)
+    return model.to(dtype)
+
+
 def reward(prompts, completions, **kw):
     """Varied, so advantages are not all 0; a function of the text alone. Rarely equal within a group:
     where a group's rewards tie, a KL in the reward leaves its advantages (R − mean)/(std + ε) made of
@@ -74,16 +95,18 @@ def run_mle(out: Path, mode: str | None, grad_accum: int, dtype=torch.float64) -
 
 
 def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.float64, micro: int | None = None,
-           rollout: int | None = None, ref_in_loss: bool = False, masked_half: bool = False) -> dict:
+           rollout: int | None = None, ref_in_loss: bool = False, masked_half: bool = False, lora: bool = False,
+           ref_offload: bool = False) -> dict:
     """`masked_half`: the second half of each step's prompts get one constant reward, so that with DAPO's
-    filter every row of the last rank(s) is masked out of the loss."""
+    filter every row of the last rank(s) is masked out of the loss. `lora`: a GPT-2 with LoRA adapters,
+    its own reference; `ref_offload`: under FSDP2 the reference's shards live in CPU memory."""
     preset = get_preset(algo)
     if ref_in_loss and preset.kl_placement != "loss":
         from dataclasses import replace
 
         preset = replace(preset, kl_placement="loss")
-    model = tiny_model(dtype)
-    ref = frozen_copy(model) if beta > 0 else None
+    model = tiny_lora_model(dtype) if lora else tiny_model(dtype)
+    ref = frozen_copy(model) if beta > 0 and not lora else None
     value_head = ValueHead(16).to(dtype) if preset.estimator.values else None
     # epochs × minibatches × micro-batches, all different: 2 × 2 × (rows / 2 per micro-batch)
     cfg = RLConfig(algo=algo, steps=2, prompts_per_step=6, group_size=2, warmup_steps=1, beta=beta, epochs=2,
@@ -91,7 +114,12 @@ def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.floa
                    lr=1e-2)
     wrapped = dist.wrap(Policy(model, value_head), mode, torch.device("cpu"), POLICY_METHODS)
     if ref is not None and dist.sharded(wrapped):
-        ref = dist.wrap(Policy(ref), mode, torch.device("cpu"))
+        ref = dist.wrap(Policy(ref), mode, torch.device("cpu"), offload=ref_offload)
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        offloaded = [isinstance(m._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy)
+                     for m in [ref, *dist.transformer_blocks(ref)]]
+        assert offloaded == [ref_offload] * len(offloaded)  # every group of the reference, or none
     optimizer = make_rl_optimizer(wrapped, None, cfg.lr, cfg)
     out.mkdir(parents=True, exist_ok=True)
     samples = []

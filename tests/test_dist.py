@@ -17,6 +17,7 @@ RL_JOBS = [
     {"kind": "rl", "name": f"{algo}-{beta}", "algo": algo, "beta": beta, "micro": 2, "rollout": 4}
     for algo in w.PRESETS for beta in (0.0, 0.1)
 ] + [{"kind": "rl", "name": "grpo-kl-loss", "algo": "reinforce", "beta": 0.1, "micro": 2, "ref_in_loss": True}]
+LORA_JOB = {"kind": "rl", "name": "grpo-lora-kl", "algo": "grpo", "beta": 0.1, "micro": 2, "lora": True}
 
 
 def one_process(job: dict, tmp_path, world: int):
@@ -54,7 +55,7 @@ def test_two_ranks_ddp_equal_one_process(tmp_path):
 def test_every_preset_at_every_world_size(tmp_path, world, mode):
     """Worlds of 2 and 3 (6 prompts split 3 + 3 and 2 + 2 + 2; minibatches then split unevenly over the
     ranks), DDP and FSDP2, every preset with β = 0 and 0.1."""
-    check_equal(tmp_path, world, mode, [{"kind": "mle", "name": "mle", "grad_accum": 1}, EVAL_JOB] + RL_JOBS)
+    check_equal(tmp_path, world, mode, [{"kind": "mle", "name": "mle", "grad_accum": 1}, EVAL_JOB, LORA_JOB] + RL_JOBS)
 
 
 def check_equal(tmp_path, world: int, mode: str, jobs: list[dict]):
@@ -81,7 +82,10 @@ def check_equal(tmp_path, world: int, mode: str, jobs: list[dict]):
 
 
 def test_two_ranks_fsdp2_equal_one_process(tmp_path):
-    check_equal(tmp_path, 2, "fsdp2", [FAST_JOBS[0], FAST_JOBS[3], EVAL_JOB])
+    """With the reference sharded and offloaded to CPU memory, and LoRA (whose reference is the policy
+    with its adapter off: the call must still go through FSDP2's forward)."""
+    offloaded = {**FAST_JOBS[3], "name": "ppo-kl-reward-ref-offload", "ref_offload": True}
+    check_equal(tmp_path, 2, "fsdp2", [FAST_JOBS[0], offloaded, LORA_JOB, EVAL_JOB])
 
 
 MUTATIONS = [

@@ -142,7 +142,9 @@ def test_bad_dist_input_is_one_line(init, tmp_path, capsys):
     assert "--micro-batch-size 5 does not divide a minibatch of 12" in line and "1, 2, 3, 4, 6, 12" in line
     assert "--rollout-batch-size 3 must be a multiple" in error_line(
         capsys, [*base, "--rollout-batch-size", "3", "--out", str(tmp_path / "d")])
-    assert not any((tmp_path / x).exists() for x in "abcd")  # nothing written
+    assert "--ref-offload keeps the sharded reference model of --dist fsdp2" in error_line(
+        capsys, [*base, "--beta", "0.1", "--ref-offload", "--out", str(tmp_path / "e")])
+    assert not any((tmp_path / x).exists() for x in "abcde")  # nothing written
 
 
 @pytest.mark.slow

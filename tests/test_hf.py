@@ -105,22 +105,23 @@ def test_sft_then_grpo_and_ppo_through_the_cli(hf_dirs, kind, lora, tmp_path):
 
 def test_lora_reference_is_the_base_model_with_the_adapter_off(hf_dirs):
     from pglm.models.hf import add_lora
-    from pglm.train.rl import reference_model
+    from pglm.models.policy import AdapterOff, Policy
+    from pglm.pg.logprobs import token_logprobs
 
     model = load_run(f"hf:{hf_dirs['llama']}").model
     tokens = torch.randint(0, model.config.vocab_size, (2, 9))
-    before = model(tokens).detach()
-    add_lora(model, 4, 16.0, ["q_proj", "v_proj"])
+    before = token_logprobs(model(tokens)[:, :-1], tokens[:, 1:]).detach()  # (2, 8) of the base model
+    add_lora(model, 4, 16.0, ["q_proj", "v_proj", "lm_head"])
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_()  # an adapter that changes the policy
-    ref = reference_model(model)
-    assert not torch.allclose(model(tokens), before, atol=1e-3)
-    assert torch.allclose(ref(tokens), before, atol=1e-6)
-    assert torch.allclose(ref.lm_head(ref.features(tokens)), before, atol=1e-6)
-    n_params = sum(p.numel() for p in model.parameters())
-    assert sum(p.numel() for p in ref.parameters()) == n_params  # the same tensors: no copy
+                p.normal_()  # an adapter that changes the policy, lm_head included
+    policy = Policy(model)
+    logp, _, _ = policy(tokens, tokens[:, 1:])
+    ref_logp, values, _ = AdapterOff(policy)(tokens, tokens[:, 1:])
+    assert not torch.allclose(logp, before, atol=1e-3)  # the adapter moved the policy
+    assert torch.allclose(ref_logp, before, atol=1e-6) and values is None  # its reference did not
+    assert torch.allclose(policy(tokens, tokens[:, 1:])[0], logp)  # and the adapter is back on after
 
 
 def test_chat_prompt_datasets_jsonl_parquet_and_save_to_disk(hf_dirs, tmp_path):

@@ -159,7 +159,7 @@ def test_a_fused_rollout_updates_the_model_exactly_as_a_separate_scoring_pass(in
     from pglm.pg.presets import get_preset
     from pglm.tasks import get_task
     from pglm.train.metrics import MetricsLog
-    from pglm.train.rl import RLConfig, make_rl_optimizer, reference_model, task_rows, train_rl
+    from pglm.train.rl import RLConfig, frozen_copy, make_rl_optimizer, task_rows, train_rl
 
     task = get_task("add2")
 
@@ -175,7 +175,7 @@ def test_a_fused_rollout_updates_the_model_exactly_as_a_separate_scoring_pass(in
             return [float(sum(map(ord, c)) % 7) for c in completions]
 
         train_rl(model, run.tokenizer, get_preset(algo), cfg, task_rows(task, 0, 4), reward, None, 4, out, opt,
-                 ref_model=reference_model(model), progress=False, metrics=MetricsLog(out))
+                 ref_model=frozen_copy(model), progress=False, metrics=MetricsLog(out))
         return [p.detach().clone() for p in model.parameters()], (out / "metrics.jsonl").read_text().splitlines()
 
     fused, rows_f = one_step(True, tmp_path / "f")

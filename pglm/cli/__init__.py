@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default: the algorithm's, see docs/rl.md)")
     p.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default {d.warmup_steps})")
     p.add_argument("--beta", type=float, help="KL coefficient to the initial model; 0 = no reference (default 0)")
+    p.add_argument("--ref-offload", action="store_true", help="--dist fsdp2: keep the reference model's shards "
+                   "in CPU memory between uses (less GPU memory, one copy in per rollout)")
     p.add_argument("--epochs", type=int, help="passes over each rollout (default 1)")
     p.add_argument("--minibatches", type=int, help="optimizer steps per pass (default 1)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")

@@ -31,8 +31,8 @@ def cmd_rl(args):
         ValueHead,
         check_shapes,
         file_rows,
+        frozen_copy,
         make_rl_optimizer,
-        reference_model,
         task_rows,
         train_rl,
     )
@@ -59,9 +59,6 @@ def cmd_rl(args):
     device = dist.init(cfg.device, args.dist)
     check_shapes(preset, cfg)
     recipe = resolve(preset, cfg.truncation, cfg.lr)  # what the run optimises; train_rl resolves the same
-    if dist.sharded_mode(args.dist) and args.lora_r:
-        raise UserError("--dist fsdp2 with --lora-r is not supported yet; use --dist ddp (LoRA's optimizer state "
-                        "is small, so every rank can hold it)")
 
     # What to learn from: a built-in task, or prompts and reward functions of the user's.
     task = get_task(source["task"]) if source["task"] else None
@@ -101,6 +98,13 @@ def cmd_rl(args):
                             f"{model.config.block_size}; lower --max-new-tokens")
         value_head = ValueHead(model.config.d_model).to(device) if recipe.estimator.values else None
         baseline = MovingBaseline() if recipe.estimator.state else None
+        # The KL's reference: a frozen copy of the initial model, loaded only when β > 0; a LoRA model
+        # needs none (train_rl scores it with the adapter switched off).
+        needs_ref = cfg.beta > 0 and not getattr(model, "is_lora", False)
+        ref_model = None
+        if args.ref_offload and not (needs_ref and dist.sharded_mode(args.dist)):
+            raise UserError("--ref-offload keeps the sharded reference model of --dist fsdp2 on the CPU; it needs "
+                            "--dist fsdp2 and --beta > 0 (and a model without --lora-r, whose reference is itself)")
         if args.resume and value_head is not None:
             load_weights(value_head, init.ckpt_dir, "value_head")
         if args.resume:
@@ -108,14 +112,14 @@ def cmd_rl(args):
             start = int(state["step"])
             if baseline is not None and "baseline" in state:
                 baseline.load_state_dict(state["baseline"])
-            ref_model = None
-            if cfg.beta > 0:  # the initial model: the adapter switched off, or the --init run loaded again
-                ref_model = reference_model(model) if getattr(model, "is_lora", False) else \
-                    load_run(config["init"], device, trust_remote_code=getattr(model.config, "trust_remote_code", False)).model
+            if needs_ref:  # the initial model: the --init run loaded again
+                ref_model = load_run(config["init"], device,
+                                     trust_remote_code=getattr(model.config, "trust_remote_code", False)).model
             config["rl"] = asdict(cfg)
         else:
             start = 0
-            ref_model = reference_model(model) if cfg.beta > 0 else None  # loaded only when β > 0
+            if needs_ref:
+                ref_model = frozen_copy(model)
             config = {"pglm_version": __version__, "command": "rl", "init": str(init.ckpt_dir),
                       "model": asdict(model.config), "rl": asdict(cfg), "source": source,
                       "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}
@@ -131,8 +135,8 @@ def cmd_rl(args):
         metrics = MetricsLog(out, resume_step=start, elapsed=state.get("elapsed", 0.0))
         if dist.is_main():
             write_json(out / "config.json", config)
-    if ref_model is not None and dist.sharded(model):  # sharded like the policy
-        ref_model = dist.wrap(Policy(ref_model), args.dist, device)
+    if ref_model is not None and dist.sharded(model):  # sharded like the policy, on the CPU if asked
+        ref_model = dist.wrap(Policy(ref_model), args.dist, device, offload=args.ref_offload)
     if dist.is_main():
         print(describe(recipe, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
         print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} sample{'s' if cfg.group_size > 1 else ''} per step, "

@@ -224,43 +224,11 @@ class HFCausalLM(nn.Module):
         cache.filled += T
         return out.logits
 
-    def reference(self) -> ReferenceView:
-        """The frozen reference policy for the KL: with LoRA, this model with the adapter switched off."""
+    def adapter_off(self):
+        """A context in which a LoRA model computes as its base model (peft's disable_adapter)."""
         if not self.is_lora:
-            raise ValueError("reference() is for LoRA models; copy the model otherwise")
-        return ReferenceView(self)
-
-
-class ReferenceView:
-    """The base model under a LoRA adapter, scored with the adapter disabled: a view, no second copy."""
-
-    def __init__(self, model: HFCausalLM):
-        self.model = model
-        self.config = model.config
-
-    @property
-    def lm_head(self):
-        return _DisabledHead(self.model)  # lm_head may carry an adapter too (--lora-targets lm_head)
-
-    def features(self, tokens, n_pad=None):
-        with self.model.net.disable_adapter():
-            return self.model.features(tokens, n_pad)
-
-    def __call__(self, tokens, n_pad=None):
-        with self.model.net.disable_adapter():
-            return self.model(tokens, n_pad)
-
-    def parameters(self):
-        return self.model.parameters()
-
-
-class _DisabledHead:
-    def __init__(self, model: HFCausalLM):
-        self.model, self.weight = model, model.lm_head.weight
-
-    def __call__(self, h):
-        with self.model.net.disable_adapter():
-            return self.model.lm_head(h)
+            raise ValueError("adapter_off() is for LoRA models")
+        return self.net.disable_adapter()
 
 
 def add_lora(model: HFCausalLM, r: int, alpha: float, targets: list[str] | None) -> None:

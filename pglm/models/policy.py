@@ -12,6 +12,7 @@ The model contract every architecture (GPT, LSTM, Hugging Face) follows is `Lang
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import torch
@@ -52,17 +53,21 @@ class Policy(nn.Module):
         return self.model.config
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, n_pad: torch.Tensor | None = None,
-                start: int = 0, temperature: float = 1.0, with_entropy: bool = False):
+                start: int = 0, temperature: float = 1.0, with_entropy: bool = False, adapter: bool = True):
         """Score `targets` (B, N) where position start + t of `tokens` (B, T) predicts targets[:, t].
 
         Returns (logp (B, N), values (B, N) or None, entropy (B, N) or None). Only the N positions that
         predict a target go through lm_head, and those in chunks (`head_logprobs`); the value head reads
         the same hidden states (V_t is the value of the prefix that predicts token t). Entropy, asked for
-        logging, is of the policy before the step and carries no gradient.
+        logging, is of the policy before the step and carries no gradient. `adapter=False` scores a
+        LoRA model with its adapter switched off: the base model, the reference of its KL.
         """
         N = targets.shape[1]
-        h = self.model.features(tokens, n_pad)[:, start : start + N]  # (B, N, C)
-        logp = head_logprobs(h, self.model.lm_head, targets, temperature)  # (B, N)
+        with contextlib.nullcontext() if adapter else self.model.adapter_off():
+            h = self.model.features(tokens, n_pad)[:, start : start + N]  # (B, N, C)
+            logp = head_logprobs(h, self.model.lm_head, targets, temperature)  # (B, N)
+        if not adapter:
+            return logp, None, None
         # (B, N); a copy, not the squeezed view of (B, N, 1), which FSDP2 warns about in an output
         values = self.value_head(h).clone() if self.value_head is not None else None
         entropy = None
@@ -91,3 +96,15 @@ class Policy(nn.Module):
             out[1] += (logits.argmax(-1) == yc)[mc].sum()
         out[2] = mask.sum()
         return out
+
+
+class AdapterOff:
+    """The reference policy of a LoRA run: the same policy (wrapped or not) scored with its adapter
+    switched off. No second copy of the weights, and under DDP or FSDP2 the call still goes through
+    the wrapper's forward, which gathers what FSDP2 sharded."""
+
+    def __init__(self, policy: nn.Module):
+        self.policy = policy
+
+    def __call__(self, *args, **kwargs):
+        return self.policy(*args, adapter=False, **kwargs)

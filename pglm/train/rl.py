@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from pglm import dist
 from pglm.errors import UserError
-from pglm.models.policy import Policy
+from pglm.models.policy import AdapterOff, Policy
 from pglm.pg import advantages as adv_fns
 from pglm.pg.kl import kl_estimate
 from pglm.pg.logprobs import CHUNK_ELEMENTS, head_logprobs
@@ -222,7 +222,7 @@ def micro_batches(n_rows: int, size: int | None) -> list[torch.Tensor]:
 def score_rows(scorer, ro: Rollout, cfg: RLConfig, with_values: bool = False) -> torch.Tensor:
     """Log-probs (or values) of every response of `ro` under `scorer`, without gradient, in micro-batches.
 
-    `scorer` is a Policy (possibly wrapped) or a reference view of one (LoRA: the adapter switched off)."""
+    `scorer` is a Policy (possibly wrapped), or `AdapterOff` of one (LoRA's reference)."""
     out = []
     for idx in micro_batches(ro.tokens.size(0), cfg.micro_batch_size):
         idx = idx.to(ro.tokens.device)
@@ -232,13 +232,10 @@ def score_rows(scorer, ro: Rollout, cfg: RLConfig, with_values: bool = False) ->
 
 
 def _scored(scorer, ro: Rollout, idx: torch.Tensor, temperature: float, with_entropy: bool = False):
-    """(logp, values, entropy) of rows `idx` of a rollout: through the wrapper's forward for a Policy."""
+    """(logp, values, entropy) of rows `idx` of a rollout, through the wrapper's forward."""
     tokens, P = ro.tokens[idx], ro.prompt_len
-    if isinstance(dist.unwrap(scorer), Policy):
-        return scorer(tokens, tokens[:, P:], ro.n_pad[idx], start=P - 1, temperature=temperature,
-                      with_entropy=with_entropy)
-    logp, _, _ = score(scorer, None, tokens, ro.n_pad[idx], P, temperature)
-    return logp, None, None
+    return scorer(tokens, tokens[:, P:], ro.n_pad[idx], start=P - 1, temperature=temperature,
+                  with_entropy=with_entropy)
 
 
 def compute_advantages(p: Preset, rewards, G: int, baseline: adv_fns.MovingBaseline | None):
@@ -322,14 +319,20 @@ def train_rl(
     the Policy holding both as `pglm.dist.wrap` wrapped it (the optimizer made after). draw_rows(step)
     gives every prompt row of a step (the same on every rank; rank r takes its slice); evaluator(model)
     the held-out figures (e.g. `evaluate_task`), asked at step 0 of a new run, every cfg.eval_every
-    steps and at the end. Ctrl-C finishes the step, checkpoints and raises.
+    steps and at the end. Ctrl-C finishes the step, checkpoints and raises. `ref_model` is the frozen
+    model of the KL (a copy of the initial one; under FSDP2 a Policy of it, wrapped); a LoRA model
+    needs none: its reference is itself with the adapter switched off.
     """
     check_shapes(preset, cfg)
     recipe = resolve(preset, cfg.truncation, cfg.lr)  # the effective recipe: the preset as the flags change it
-    if cfg.beta > 0 and ref_model is None:
-        raise ValueError("beta > 0 needs ref_model, the frozen model the KL is measured against")
     wrapped = model if isinstance(dist.unwrap(model), Policy) else Policy(model, value_head)
     policy = dist.unwrap(wrapped)
+    if ref_model is None and cfg.beta > 0:  # LoRA's reference is this policy with its adapter off
+        if not getattr(policy.model, "is_lora", False):
+            raise ValueError("beta > 0 needs ref_model, the frozen model the KL is measured against")
+        ref_model = AdapterOff(wrapped)
+    elif ref_model is not None and not isinstance(dist.unwrap(ref_model), Policy):
+        ref_model = Policy(ref_model)  # scored by the same forward as the policy
     value_head = policy.value_head
     device = next(policy.parameters()).device
     metrics = metrics or MetricsLog(run_dir)
@@ -563,14 +566,6 @@ def make_rl_optimizer(model, value_head, lr: float, cfg: RLConfig) -> torch.opti
             params.append(q)
     # fused: one kernel for every tensor (the per-parameter loop cost ~6 ms of a ~40 ms add2 step on CPU)
     return torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps, fused=all(q.device.type in ("cpu", "cuda") for q in params))
-
-
-def reference_model(model):
-    """The frozen initial policy the KL is measured against: with LoRA, the same model with its adapter
-    switched off (no second copy in memory); otherwise a copy of the weights as they are now."""
-    if getattr(model, "is_lora", False):
-        return model.reference()
-    return frozen_copy(model)
 
 
 def frozen_copy(model):
