@@ -70,12 +70,14 @@ class ExportSummary:
     tokenizer_kind: str  # the pglm tokenizer kind (char, word, bpe, hf)
 
 
-def export_run(path, out_dir, merge_lora: bool = False, overwrite: bool = False) -> Path:
+def export_run(path, out_dir, merge_lora: bool = False, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """Write the run (or checkpoint) at `path` as a Hugging Face model directory `out_dir`; return it."""
-    return export_run_summary(path, out_dir, merge_lora=merge_lora, overwrite=overwrite).out
+    return export_run_summary(path, out_dir, merge_lora=merge_lora, overwrite=overwrite,
+                              trust_remote_code=trust_remote_code).out
 
 
-def export_run_summary(path, out_dir, merge_lora: bool = False, overwrite: bool = False) -> ExportSummary:
+def export_run_summary(path, out_dir, merge_lora: bool = False, overwrite: bool = False,
+                       trust_remote_code: bool = False) -> ExportSummary:
     """`export_run`, returning what was written (for the one line the CLI prints)."""
     from pglm.runs import load_run
 
@@ -83,7 +85,7 @@ def export_run_summary(path, out_dir, merge_lora: bool = False, overwrite: bool 
         import transformers  # noqa: F401
     except ImportError:
         raise UserError("pglm export needs transformers; pip install 'pglm[hf]'") from None
-    run = load_run(path)
+    run = load_run(path, trust_remote_code=trust_remote_code)
     arch = run.config["model"].get("arch")
     if arch == "lstm":
         raise UserError("an LSTM has no Hugging Face equivalent; export works for gpt models and hf:... models")

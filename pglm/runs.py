@@ -24,7 +24,8 @@ class LoadedRun:
 
 def load_run(path: str | Path, device="cpu", trust_remote_code: bool = False, block_size: int | None = None) -> LoadedRun:
     """The model of a run directory (its latest checkpoint), of one checkpoints/step_N, or of `hf:PATH`
-    (a Hugging Face model directory or hub id, with its own tokenizer)."""
+    (a Hugging Face model directory or hub id, with its own tokenizer). `trust_remote_code` is the
+    user's flag on this command; what the run directory records never enables remote code."""
     if str(path).startswith("hf:"):
         from dataclasses import asdict
 
@@ -43,7 +44,7 @@ def load_run(path: str | Path, device="cpu", trust_remote_code: bool = False, bl
     if not tok_file.is_file():
         raise UserError(f"{tok_file} is missing; the run directory is incomplete")
     tokenizer = load_tokenizer(tok_file)
-    model = build_model(config_from_dict(config["model"]))
+    model = build_model(config_from_dict(config["model"]), trust_remote_code)
     load_weights(model, ckpt_dir)
     model.to(device).eval()
     return LoadedRun(run_dir, ckpt_dir, config, tokenizer, model)

@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--out", help="also write the figures as JSON to this file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="a run whose hf: model ships its own Python code: allow it to run (off by default)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint", description="Sample continuations of a prompt.")
@@ -152,11 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw, as one batch (default 1)")
     add_sampling_flags(p)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="a run whose hf: model ships its own Python code: allow it to run (off by default)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="type text, the model continues it", description="Interactive sampling from a checkpoint.")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoints/step_N")
     add_sampling_flags(p)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="a run whose hf: model ships its own Python code: allow it to run (off by default)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("plot", help="draw the curves of a run", description="Draw RUN/plots/*.png from RUN/metrics.jsonl.")
@@ -171,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--merge-lora", action="store_true", help="hf:... runs: merge LoRA adapters into the weights")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="a run whose hf: model ships its own Python code: allow it to run (off by default)")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -182,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     from pglm import dist
     from pglm.dist import SharedUserError
+    from pglm.train.mle import stop_signals_raise
 
     try:
-        args.func(args)
+        with stop_signals_raise():
+            args.func(args)
         return 0
     except UserError as e:
         # With several processes rank 0 says what every rank agreed on; another rank speaks only of
@@ -204,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             latest = (Path(out) / "checkpoints" / "latest").read_text().strip()
             print(f"\ninterrupted: {out}/checkpoints/{latest} is saved; continue with: pglm {args.command} --out {out} --resume",
                   file=sys.stderr)
+        elif args.command in ("pretrain", "sft", "rl", "prepare") and out and not getattr(args, "resume", False):
+            print(f"\ninterrupted before the first checkpoint: nothing was kept in {out}; run the same command "
+                  "again to start over", file=sys.stderr)
         else:
             print("\ninterrupted", file=sys.stderr)
         return 130

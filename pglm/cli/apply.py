@@ -39,7 +39,7 @@ def cmd_eval(args):
         task = get_task(args.task)
         if args.samples < 0 or args.temperature <= 0:
             raise UserError("--samples must be 0 or more and --temperature positive")
-        run = load_run(args.ckpt, device)
+        run = load_run(args.ckpt, device, trust_remote_code=args.trust_remote_code)
         check_task_tokenizer(run.tokenizer, task, args.ckpt)
         result = {"ckpt": str(run.ckpt_dir), "task": task.name,
                   **evaluate_task(run.model, run.tokenizer, task, samples=args.samples, temperature=args.temperature)}
@@ -52,7 +52,7 @@ def cmd_eval(args):
 
             write_json(Path(args.out), result)
         return
-    run = load_run(args.ckpt, device)
+    run = load_run(args.ckpt, device, trust_remote_code=args.trust_remote_code)
     T, tok = run.model.config.block_size, run.tokenizer
     files = source_files(args.data)  # a missing file or empty glob is one clear line, here
     if args.batch_size < 1:
@@ -138,7 +138,7 @@ def cmd_generate(args):
     check_sampling_args(args)
     if args.num_samples <= 0:
         raise UserError("--num-samples must be positive")
-    run = load_run(args.ckpt, resolve_device(args.device))
+    run = load_run(args.ckpt, resolve_device(args.device), trust_remote_code=args.trust_remote_code)
     texts = _sample(run, [args.prompt], args, args.num_samples)
     for i, text in enumerate(texts):
         if len(texts) > 1:
@@ -151,7 +151,7 @@ def cmd_chat(args):
     from pglm.train.mle import resolve_device
 
     check_sampling_args(args)
-    run = load_run(args.ckpt, resolve_device(args.device))
+    run = load_run(args.ckpt, resolve_device(args.device), trust_remote_code=args.trust_remote_code)
     # A model whose tokenizer has a chat template gets a conversation, rendered by that template each turn;
     # any other model continues the text typed.
     chat = bool(run.tokenizer.chat_template)
@@ -187,5 +187,6 @@ def cmd_export(args):
 
     if args.format != "hf":
         raise UserError(f"--format {args.format} is not supported; the one export format is hf")
-    s = export_run_summary(args.ckpt, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    s = export_run_summary(args.ckpt, args.out, merge_lora=args.merge_lora, overwrite=args.overwrite,
+                           trust_remote_code=args.trust_remote_code)
     print(f"wrote {s.out}: {s.architecture}, {s.n_params:,} parameters, tokenizer {s.tokenizer_kind}")

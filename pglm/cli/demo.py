@@ -12,7 +12,7 @@ def cmd_demo(args):
     from pglm.demo import DemoConfig, run_demo
     from pglm.pg.presets import get_preset
     from pglm.plots import plot_run
-    from pglm.train.checkpoint import opened_run_dir
+    from pglm.train.rundir import RunDir
 
     get_preset(args.algo)
     if args.model not in ("gpt", "lstm"):
@@ -20,18 +20,18 @@ def cmd_demo(args):
     if not 0.0 <= args.flaw_rate <= 1.0:
         raise UserError("--flaw-rate must be between 0 and 1")
     cfg = DemoConfig(algo=args.algo, model=args.model, flaw_rate=args.flaw_rate, seed=args.seed, quick=args.quick)
-    with opened_run_dir(args.out, overwrite=args.overwrite) as out:
-        pass  # checked and created before any work; a demo interrupted later keeps what it wrote
-    try:
-        s = run_demo(cfg, Path(out), progress=not args.quiet)
-    except KeyboardInterrupt:
-        latest = _latest(Path(out))
-        hint = (f"{latest} loads (pglm eval --ckpt {latest} --task add2); tune it further with: "
-                f"pglm rl --init {latest} --task add2 --algo {args.algo} --out {out}-rl") if latest else "nothing was saved yet"
-        print(f"\ninterrupted: {hint}; or start the demo again with --overwrite", file=sys.stderr)
-        raise
-    plots = plot_run(out)
-    _report(s, out, plots)
+    with RunDir(args.out, overwrite=args.overwrite) as out:  # a demo stopped before its first checkpoint leaves nothing
+        try:
+            s = run_demo(cfg, Path(out), progress=not args.quiet)
+        except KeyboardInterrupt:
+            latest = _latest(Path(out))
+            hint = (f"{latest} loads (pglm eval --ckpt {latest} --task add2); tune it further with: "
+                    f"pglm rl --init {latest} --task add2 --algo {args.algo} --out {out}-rl; or start the demo "
+                    "again with --overwrite") if latest else "nothing was saved yet; start the demo again"
+            print(f"\ninterrupted: {hint}", file=sys.stderr)
+            raise
+        plots = plot_run(out)
+        _report(s, out, plots)
 
 
 def _latest(out: Path):

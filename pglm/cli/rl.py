@@ -12,7 +12,13 @@ from pglm.errors import UserError
 
 
 def cmd_rl(args):
-    import contextlib
+    from pglm.train.rundir import run_directory
+
+    with run_directory(args.out, args.resume, args.overwrite) as out:
+        rl(args, out)
+
+
+def rl(args, out):
     from dataclasses import fields as dc_fields
 
     from pglm import dist
@@ -24,7 +30,7 @@ def cmd_rl(args):
     from pglm.rewards.loader import load_rewards
     from pglm.runs import load_run
     from pglm.tasks import get_task
-    from pglm.train.checkpoint import load_optimizer, load_weights, opened_run_dir, read_json, write_json
+    from pglm.train.checkpoint import load_optimizer, load_weights, read_json, write_json
     from pglm.train.metrics import MetricsLog
     from pglm.train.rl import (
         RLConfig,
@@ -73,11 +79,9 @@ def cmd_rl(args):
         raise UserError("--prompts needs --max-new-tokens N: how long a completion may be")
 
     # Every rank runs the set-up below; only rank 0 touches the run directory.
-    run_dir = opened_run_dir(args.out, args.resume, args.overwrite) if dist.is_main() else \
-        contextlib.nullcontext(Path(args.out))
-    with dist.agreed_errors(), run_dir as out:
+    with dist.agreed_errors():
         if args.resume:
-            init = load_run(out, device)
+            init = load_run(out, device, trust_remote_code=args.trust_remote_code)
         else:
             init = load_run(args.init, device, trust_remote_code=args.trust_remote_code)
             apply_lora(args, init.model)
@@ -113,8 +117,7 @@ def cmd_rl(args):
             if baseline is not None and "baseline" in state:
                 baseline.load_state_dict(state["baseline"])
             if needs_ref:  # the initial model: the --init run loaded again
-                ref_model = load_run(config["init"], device,
-                                     trust_remote_code=getattr(model.config, "trust_remote_code", False)).model
+                ref_model = load_run(config["init"], device, trust_remote_code=args.trust_remote_code).model
             config["rl"] = asdict(cfg)
         else:
             start = 0

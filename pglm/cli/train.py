@@ -12,9 +12,10 @@ from pglm.errors import UserError
 
 def cmd_prepare(args):
     from pglm.data import iter_texts, prepare_corpus
-    from pglm.train.checkpoint import opened_run_dir, write_json
+    from pglm.train.checkpoint import write_json
+    from pglm.train.rundir import RunDir
 
-    with opened_run_dir(args.out, overwrite=args.overwrite) as out:
+    with RunDir(args.out, overwrite=args.overwrite) as out:
         tokenizer = build_tokenizer(args, iter_texts(args.data, args.text_field))
         info = prepare_corpus(args.data, tokenizer, out, args.val_frac, args.val_data, args.text_field)
         tokenizer.save(out / "tokenizer.json")
@@ -23,8 +24,9 @@ def cmd_prepare(args):
     print(f"wrote {out}: {info.n_train:,} training and {info.n_val:,} validation tokens, vocabulary {tokenizer.vocab_size:,}")
 
 
-def start_run(args, command: str, prepare):
-    """Create or resume a run directory; returns (out, run_config, tokenizer, model, optimizer, start_step, metrics).
+def start_run(args, out, command: str, prepare):
+    """Set up a new run in `out` (opened by `run_directory`), or resume it; returns (out, run_config,
+    tokenizer, model, optimizer, start_step, metrics).
 
     `prepare(out)` builds a new run's tokenizer, data and model config: (tokenizer, data_info, ModelConfig).
     `model` is the Policy the loop trains, wrapped by DDP or FSDP2 under torchrun (`pglm.dist.wrap`).
@@ -38,7 +40,7 @@ def start_run(args, command: str, prepare):
     from pglm.models.policy import POLICY_METHODS, Policy
     from pglm.runs import load_run
     from pglm.tokenizers import load_tokenizer
-    from pglm.train.checkpoint import load_optimizer, opened_run_dir, prepare_out_dir, read_json, write_json
+    from pglm.train.checkpoint import load_optimizer, read_json, write_json
     from pglm.train.metrics import MetricsLog
     from pglm.train.mle import TrainConfig, make_optimizer
 
@@ -48,7 +50,6 @@ def start_run(args, command: str, prepare):
         return wrapped, make_optimizer(wrapped, train_cfg)
 
     if args.resume:
-        out = prepare_out_dir(args.out, resume=True, overwrite=args.overwrite)
         config = read_json(out / "config.json")
         if config.get("command") != command:
             raise UserError(f"--resume: {out} is a '{config.get('command')}' run; resume it with pglm {config.get('command')}")
@@ -57,7 +58,7 @@ def start_run(args, command: str, prepare):
             train_cfg.steps = args.steps
             config["train"] = asdict(train_cfg)
         device = dist.init(train_cfg.device, args.dist)
-        loaded = load_run(out)
+        loaded = load_run(out, trust_remote_code=args.trust_remote_code)
         tokenizer = loaded.tokenizer
         state = read_json(loaded.ckpt_dir / "state.json")
         start_step = int(state["step"])
@@ -79,30 +80,26 @@ def start_run(args, command: str, prepare):
     model = None
     with dist.agreed_errors():  # rank 0 sets the run up; a failure there ends every rank
         if dist.is_main():
-            with opened_run_dir(args.out, overwrite=args.overwrite) as out:
-                tokenizer, data_info, model_cfg, model = prepare(out)
-                torch.manual_seed(train_cfg.seed)  # initialisation
-                if model is None:
-                    model = build_model(model_cfg)
-                config = {
-                    "pglm_version": __version__,
-                    "command": command,
-                    "model": asdict(model_cfg if model_cfg is not None else model.config),
-                    "train": asdict(train_cfg),
-                    "data": data_info,
-                    "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
-                    "n_params": count_params(model),
-                }
-                tokenizer.save(out / "tokenizer.json")
-                write_json(out / "config.json", config)
-                metrics = MetricsLog(out, tensorboard=train_cfg.tensorboard)
+            tokenizer, data_info, model_cfg, model = prepare(out)
+            torch.manual_seed(train_cfg.seed)  # initialisation
+            if model is None:
+                model = build_model(model_cfg)
+            config = {
+                "pglm_version": __version__,
+                "command": command,
+                "model": asdict(model_cfg if model_cfg is not None else model.config),
+                "train": asdict(train_cfg),
+                "data": data_info,
+                "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+                "n_params": count_params(model),
+            }
+            tokenizer.save(out / "tokenizer.json")
+            write_json(out / "config.json", config)
+            metrics = MetricsLog(out, tensorboard=train_cfg.tensorboard)
     if not dist.is_main():  # the same run, read back; rank 0's weights reach every rank in dist.wrap
-        from pathlib import Path
-
-        out = Path(args.out)
         config = read_json(out / "config.json")
         tokenizer = load_tokenizer(out / "tokenizer.json")
-        model = build_model(config_from_dict(config["model"]))
+        model = build_model(config_from_dict(config["model"]), args.trust_remote_code)
         metrics = MetricsLog(out)  # writes nothing off rank 0
     model, optimizer = wrapped_and_optimizer(model, train_cfg, device)
     cfg = model.config if hasattr(model, "config") else model.module.config
@@ -141,6 +138,13 @@ def finish_run(out, config, final_eval, metrics, command):
 
 
 def cmd_pretrain(args):
+    from pglm.train.rundir import run_directory
+
+    with run_directory(args.out, args.resume, args.overwrite) as out:
+        pretrain(args, out)
+
+
+def pretrain(args, out):
     import numpy as np
 
     from pglm.data import iter_texts, load_tokens, prepare_corpus, random_windows, sequential_windows
@@ -161,7 +165,7 @@ def cmd_pretrain(args):
             model_cfg = model_config_from(args, tokenizer.vocab_size)
         return tokenizer, data_info, model_cfg, model
 
-    out, config, tokenizer, model, optimizer, start, metrics = start_run(args, "pretrain", prepare)
+    out, config, tokenizer, model, optimizer, start, metrics = start_run(args, out, "pretrain", prepare)
     meta = read_json(out / "data" / "meta.json")
     train_tokens = load_tokens(out / "data" / "train.bin", meta["dtype"])
     val_tokens = load_tokens(out / "data" / "val.bin", meta["dtype"])
@@ -184,6 +188,13 @@ def train_config_of(config):
 
 
 def cmd_sft(args):
+    from pglm.train.rundir import run_directory
+
+    with run_directory(args.out, args.resume, args.overwrite) as out:
+        sft(args, out)
+
+
+def sft(args, out):
     import random
 
     from pglm import dist
@@ -225,7 +236,7 @@ def cmd_sft(args):
                      "task": args.task}
         return tokenizer, data_info, model_cfg, model
 
-    out, config, tokenizer, model, optimizer, start, metrics = start_run(args, "sft", prepare)
+    out, config, tokenizer, model, optimizer, start, metrics = start_run(args, out, "sft", prepare)
     cfg = train_config_of(config)
     T = config["model"]["block_size"]
     data = config["data"]

@@ -44,12 +44,13 @@ def config_from_dict(d: dict):
     return ModelConfig(**d)
 
 
-def build_model(cfg) -> nn.Module:
-    """The model that `cfg.arch` names, freshly initialised (an hf: model from its recorded config)."""
+def build_model(cfg, trust_remote_code: bool = False) -> nn.Module:
+    """The model that `cfg.arch` names, freshly initialised (an hf: model from its recorded config; one
+    with code of its own only when the user passed `trust_remote_code` on this command)."""
     if cfg.arch == "hf":
         from pglm.models.hf import build_hf
 
-        return build_hf(cfg)
+        return build_hf(cfg, trust_remote_code)
     if cfg.arch == "gpt":
         return GPT(cfg)
     if cfg.arch == "lstm":

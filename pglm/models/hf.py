@@ -81,14 +81,19 @@ def load_hf(spec: str, trust_remote_code: bool = False, block_size: int | None =
             raw = json.loads((local / "config.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"hf:{path}/config.json cannot be read ({e}); re-save the model") from None
+        pickles = [f for pat in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in local.glob(pat)]
+        if pickles and not any(local.glob("*.safetensors")):
+            raise UserError(f"hf:{path} holds its weights as a pickle (pytorch_model.bin), which pglm does not load; "
+                            "convert them once where you trust the file: AutoModelForCausalLM.from_pretrained(DIR)"
+                            ".save_pretrained(DIR) writes model.safetensors")
         known = raw.get("model_type") in transformers.CONFIG_MAPPING
         if "auto_map" in raw and not known and not trust_remote_code:
             # Checked here rather than left to transformers, which may stop to ask on a terminal.
             raise UserError(f"hf:{path} needs code of its own (auto_map in config.json); pass --trust-remote-code "
                             "if you trust that code")
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=trust_remote_code, dtype=torch.float32
+        model = transformers.AutoModelForCausalLM.from_pretrained(  # safetensors only: no pickle is read
+            path, trust_remote_code=trust_remote_code, dtype=torch.float32, use_safetensors=True
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):
@@ -107,10 +112,17 @@ def wrap_hf(model, source: str = "", trust_remote_code: bool = False, block_size
     return HFCausalLM(model, cfg)
 
 
-def build_hf(cfg: HFConfig) -> HFCausalLM:
-    """The model a run's config.json describes, with fresh weights (the checkpoint's are loaded after)."""
+def build_hf(cfg: HFConfig, trust_remote_code: bool = False) -> HFCausalLM:
+    """The model a run's config.json describes, with fresh weights (the checkpoint's are loaded after).
+
+    A run directory is data, possibly someone else's: what it records (`cfg.trust_remote_code`) never
+    switches remote code on. Only the caller's `trust_remote_code` (the user's --trust-remote-code on
+    this command) does."""
     transformers = _transformers()
     d = dict(cfg.hf_config)
+    if cfg.trust_remote_code and not trust_remote_code:
+        raise UserError(f"this run's model runs Python code of its own (from {cfg.source or 'its source'}); pass "
+                        "--trust-remote-code if you trust that code")
     if cfg.trust_remote_code:
         hf_config = transformers.AutoConfig.from_pretrained(cfg.source[3:], trust_remote_code=True)
     else:

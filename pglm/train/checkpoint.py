@@ -13,9 +13,9 @@ Weights are safetensors, state is JSON, and the optimizer state is read back wit
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -149,8 +149,13 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
         )
     latest = path / "checkpoints" / "latest"
     if not latest.is_file():
-        raise UserError(f"{path} holds no finished checkpoint yet (no checkpoints/latest); train it first")
-    ckpt = path / "checkpoints" / latest.read_text().strip()
+        raise UserError(f"{path} holds no finished checkpoint yet (no checkpoints/latest); start the run again "
+                        "with --overwrite, or let it run to its first checkpoint")
+    name = latest.read_text(errors="replace").strip()
+    if not re.fullmatch(r"step_\d+", name):  # a path here (absolute, or ../..) would lead outside the run
+        raise UserError(f"{latest} names '{name[:80]}', not a checkpoint of this run (step_N); pass a "
+                        "checkpoints/step_N that exists")
+    ckpt = path / "checkpoints" / name
     if not ckpt.exists():  # a crash while the same step was being rewritten: the old copy is set aside
         for aside in sorted(path.glob(f"checkpoints/.tmp-old-{ckpt.name}-*/{ckpt.name}")):
             os.replace(aside, ckpt)
@@ -276,37 +281,3 @@ def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
             raise UserError(f"--out {out} holds files that are not a pglm run; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-@contextlib.contextmanager
-def opened_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False):
-    """The run directory a command writes, checked before any work starts (`prepare_out_dir`).
-
-    If setting up a new run fails (bad data, a bad flag found late, Ctrl-C), what it created is
-    removed, so no half run is left to trip a later --resume, and a run it was to --overwrite is put
-    back: nothing already saved is lost until the new run has started. A resumed run is never touched.
-    """
-    out = Path(out)
-    backup = None
-    if overwrite and not resume and (out / "config.json").is_file():
-        backup = out.with_name(f".{out.name}.replaced")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(out, backup)
-    existed = out.exists()
-    try:
-        out = prepare_out_dir(out, resume, overwrite)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, out)
-        raise
-    try:
-        yield out
-    except BaseException:
-        if not resume:
-            for child in list(out.iterdir()) if existed else [out]:
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-            if backup is not None:
-                os.replace(backup, out)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)

@@ -105,22 +105,41 @@ def step_rng(seed: int, step: int, micro: int = 0) -> np.random.Generator:
 
 @contextlib.contextmanager
 def stop_on_ctrl_c():
-    """Turn the first Ctrl-C into a flag the loop reads between steps, so the checkpoint it then
-    writes is of a whole step; a second Ctrl-C interrupts at once."""
+    """Turn the first Ctrl-C or SIGTERM (what a cluster sends before it preempts a job) into a flag the
+    loop reads between steps, so the checkpoint it then writes is of a whole step; a second one
+    interrupts at once."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
 
     def handler(signum, frame):
         flag.set()
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous[signum])
 
-    previous = signal.signal(signal.SIGINT, handler)
+    for sig in signals:
+        signal.signal(sig, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig in signals:
+            signal.signal(sig, previous[sig])
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """SIGTERM, like Ctrl-C, raises KeyboardInterrupt (outside a loop's `stop_on_ctrl_c`), so that a
+    command stopped during set-up or evaluation still runs its clean-up (`pglm.train.rundir`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def mle_step(model, optimizer, micro: list[Batch], grad_clip: float, autocast=contextlib.nullcontext,

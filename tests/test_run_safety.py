@@ -1,0 +1,166 @@
+"""A run directory is data: it cannot switch on remote code or lead outside itself; no run is lost to
+a failed --overwrite, to a second process, or to a stop before the first checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+from helpers import error_line
+from hf_models import make_hf_model
+
+from pglm.cli import main
+from pglm.train.rundir import RunDir
+
+TINY = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "8", "--quiet"]
+RL = ["--steps", "3", "--prompts-per-step", "2", "--group-size", "2", "--eval-every", "100", "--eval-samples", "0",
+      "--ckpt-every", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An sft run of add2 (pglm GPT) and an sft run of a tiny Hugging Face GPT-2."""
+    tmp = tmp_path_factory.mktemp("safety")
+    assert main(["sft", "--task", "add2", "--steps", "2", "--out", str(tmp / "add2"), *TINY]) == 0
+    hf = make_hf_model("gpt2", tmp / "gpt2")
+    data = tmp / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "completion": str(a + 1)}) + "\n" for a in range(20)))
+    assert main(["sft", "--model", f"hf:{hf}", "--data", str(data), "--steps", "1", "--batch-size", "4",
+                 "--out", str(tmp / "hf"), "--quiet"]) == 0
+    return tmp
+
+
+def fails(capsys, argv) -> str:
+    """Run argv; check it fails with exit 2, no traceback, the error as its last line (after the launch
+    line where set-up had got that far); return that line."""
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"pglm {argv[0]}: error: "), err
+    return err.splitlines()[-1]
+
+
+def snapshot(run):
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".pglm.lock"}
+
+
+def test_a_run_directory_cannot_switch_on_remote_code(runs, tmp_path, capsys):
+    """config.json says the model needs code of its own, from a directory whose code would leave a mark:
+    no command runs it unless --trust-remote-code is on that command line."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    mark = tmp_path / "ran"
+    (evil / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+        "AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}}))
+    (evil / "evil.py").write_text(f"open({str(mark)!r}, 'w').write('ran')\n")
+    run = tmp_path / "run"
+    shutil.copytree(runs / "hf", run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"].update(trust_remote_code=True, source=f"hf:{evil}")
+    (run / "config.json").write_text(json.dumps(config))
+    for argv in (["generate", "--ckpt", str(run), "--prompt", "1+"],
+                 ["eval", "--ckpt", str(run), "--data", str(runs / "sft.jsonl")],
+                 ["export", "--ckpt", str(run), "--out", str(tmp_path / "exported")],
+                 ["sft", "--init", str(run), "--data", str(runs / "sft.jsonl"), "--steps", "1", "--out", str(tmp_path / "s")],
+                 ["rl", "--init", str(run), "--prompts", str(runs / "sft.jsonl"), "--reward", "builtin:exact_match",
+                  "--max-new-tokens", "2", "--out", str(tmp_path / "r"), *RL]):
+        line = error_line(capsys, argv)
+        assert "runs Python code of its own" in line and "--trust-remote-code" in line, argv
+    assert not mark.exists()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists() and not (tmp_path / "exported").exists()
+
+
+def test_latest_cannot_lead_outside_the_run(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "add2", run)
+    for target in ("../../elsewhere", str(tmp_path), "step_2/../../x"):
+        (run / "checkpoints" / "latest").write_text(target + "\n")
+        assert "not a checkpoint of this run" in error_line(capsys, ["eval", "--ckpt", str(run), "--task", "add2"])
+
+
+def test_pickled_hf_weights_are_refused_in_one_line(tmp_path, capsys):
+    d = make_hf_model("gpt2", tmp_path / "bin")
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")  # the name, not the format, is what is refused
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "1+", "completion": "1"}) + "\n")
+    line = error_line(capsys, ["sft", "--model", f"hf:{d}", "--data", str(data), "--steps", "1", "--out", str(tmp_path / "o")])
+    assert "pickle" in line and "save_pretrained" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["sft-rows", "rl-reward"])
+def test_overwrite_that_fails_after_set_up_puts_the_old_run_back(runs, tmp_path, capsys, case):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "add2", run)
+    before = snapshot(run)
+    if case == "sft-rows":  # found after the run directory was set up: a prompt that is not a string
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"prompt": 3, "completion": "4"}) + "\n")
+        argv = ["sft", "--data", str(bad), "--steps", "1", "--out", str(run), "--overwrite", *TINY]
+    else:  # a reward that fails at step 1
+        (tmp_path / "r.py").write_text("def boom(prompts, completions, **kw):\n    raise ValueError('no')\n")
+        (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "1+2="}) + "\n")
+        argv = ["rl", "--init", str(runs / "add2"), "--prompts", str(tmp_path / "p.jsonl"), "--reward",
+                f"{tmp_path / 'r.py'}:boom", "--max-new-tokens", "2", "--out", str(run), "--overwrite", *RL]
+    assert "fix the reward" in fails(capsys, argv) if case == "rl-reward" else "string fields" in fails(capsys, argv)
+    assert snapshot(run) == before
+    assert not list(tmp_path.glob(".run.*"))  # no backup left lying around
+
+
+def test_a_new_run_that_fails_after_set_up_leaves_nothing(runs, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "1+", "completion": None}) + "\n")
+    out = tmp_path / "new"
+    assert "string fields" in fails(capsys, ["sft", "--data", str(bad), "--steps", "1", "--out", str(out), *TINY])
+    assert not out.exists()  # so a plain rerun is accepted, with no --overwrite
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "1+", "completion": "1"}) + "\n")
+    assert main(["sft", "--data", str(good), "--steps", "1", "--out", str(out), *TINY]) == 0
+
+
+def test_a_run_in_use_is_not_resumed_or_overwritten_by_another(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "add2", run)
+    before = snapshot(run)
+    with RunDir(run, resume=True):  # what a training process holds while it runs
+        for flag in ("--resume", "--overwrite"):
+            line = error_line(capsys, ["sft", "--task", "add2", "--steps", "3", "--out", str(run), flag, *TINY])
+            assert f"is in use by pglm process {os.getpid()}" in line, flag
+    assert snapshot(run) == before
+    assert main(["sft", "--task", "add2", "--steps", "3", "--out", str(run), "--resume", *TINY]) == 0  # released
+
+
+def test_sigterm_checkpoints_the_step_and_resume_goes_on(runs, tmp_path, capsys):
+    """The first SIGTERM (a cluster about to preempt) finishes the step and checkpoints it; a second one,
+    before any checkpoint, stops at once and leaves nothing, so the same command starts over."""
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "1+2="}) + "\n")
+    for terms in (1, 2):  # a file each: a reward module is loaded once per process
+        (tmp_path / f"r{terms}.py").write_text(
+            "import os, signal\ncalls = 0\n"
+            "def term(prompts, completions, **kw):\n"
+            "    global calls\n    calls += 1\n"
+            "    if calls == 1:\n"
+            f"        for _ in range({terms}):\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return [float(len(c)) for c in completions]\n")
+
+    def argv(terms, out):
+        return ["rl", "--init", str(runs / "add2"), "--prompts", str(tmp_path / "p.jsonl"), "--reward",
+                f"{tmp_path / f'r{terms}.py'}:term", "--max-new-tokens", "2", "--out", str(out), *RL]
+
+    out = tmp_path / "run"
+    try:
+        assert main(argv(1, out)) == 130
+        assert (out / "checkpoints" / "latest").read_text().strip() == "step_1"
+        assert main([*argv(1, out), "--resume"]) == 0
+        assert (out / "checkpoints" / "latest").read_text().strip() == "step_3"
+        capsys.readouterr()
+        fresh = tmp_path / "fresh"
+        assert main(argv(2, fresh)) == 130
+        assert not fresh.exists()
+        assert "nothing was kept" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
