@@ -164,3 +164,16 @@ def test_sigterm_checkpoints_the_step_and_resume_goes_on(runs, tmp_path, capsys)
         assert "nothing was kept" in capsys.readouterr().err
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_replaced_by_a_plain_rerun(runs, tmp_path, capsys):
+    """kill -9 leaves no chance to clean up: the set-up files stay, with no checkpoint."""
+    out = tmp_path / "run"
+    shutil.copytree(runs / "add2", out)
+    shutil.rmtree(out / "checkpoints")  # what a kill -9 between set-up and the first checkpoint leaves
+    assert main(["sft", "--task", "add2", "--steps", "1", "--out", str(out), *TINY]) == 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_1"
+    capsys.readouterr()
+    other = tmp_path / "other"
+    shutil.copytree(runs / "add2", other)  # with a checkpoint, it is a run: refused, as before
+    assert "already holds a run" in error_line(capsys, ["sft", "--task", "add2", "--steps", "1", "--out", str(other), *TINY])

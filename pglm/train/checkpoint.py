@@ -269,7 +269,7 @@ def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
         return out
     if out.exists() and (not out.is_dir()):
         raise UserError(f"--out {out} is a file; choose a directory")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != ".pglm.lock" for p in out.iterdir()):  # the lock of pglm.train.rundir
         if is_run and overwrite:
             shutil.rmtree(out)
         elif is_run:

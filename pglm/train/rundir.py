@@ -7,7 +7,9 @@ Three rules, so that no run is lost and no two processes write one directory:
   `--resume`, or an `--overwrite`, of a run in use is refused with the process that holds it.
 - **New until its first checkpoint.** A new run that ends before it has written a checkpoint (bad
   data found after set-up, a reward that fails at step 1, Ctrl-C or SIGTERM during the first
-  evaluation) leaves nothing behind: what it created is removed, so a plain rerun is accepted.
+  evaluation) leaves nothing behind: what it created is removed, so a plain rerun is accepted. One
+  killed outright (kill -9) before then cannot clean up, so the next new run in that directory
+  takes its place.
 - **`--overwrite` replaces only what succeeds.** The old run is set aside, not deleted, until the new
   one has written its first checkpoint; a new run that fails before then puts it back.
 
@@ -46,6 +48,12 @@ class RunDir:
         try:
             if (out / "config.json").is_file():  # a run: nobody else may be writing it
                 self.locks.append(_lock(out))
+                if not self.resume and _never_started(out):
+                    # Set up, then killed (kill -9, a power cut) before its first checkpoint: nothing
+                    # was trained, so a plain rerun takes its place, as after any other early stop.
+                    for child in out.iterdir():
+                        if child.name != LOCK:
+                            shutil.rmtree(child) if child.is_dir() else child.unlink()
             if self.overwrite and not self.resume and (out / "config.json").is_file():
                 self.backup = out.with_name(f".{out.name}.replaced")
                 shutil.rmtree(self.backup, ignore_errors=True)
@@ -89,6 +97,17 @@ class RunDir:
         for fd in self.locks:
             os.close(fd)  # closing the descriptor releases its flock
         self.locks = []
+
+
+def _never_started(run: Path) -> bool:
+    """A training run (pretrain, sft, rl) with no checkpoint: set up, then killed before its first."""
+    import json
+
+    try:
+        command = json.loads((run / "config.json").read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        return False  # not ours to judge: left as it is
+    return command in ("pretrain", "sft", "rl") and not (run / "checkpoints" / "latest").is_file()
 
 
 def _lock(run: Path) -> int:
