@@ -21,6 +21,7 @@ from pglm.cli.flags import (
     add_dist_flag,
     add_hf_flags,
     add_model_flags,
+    add_safety_flags,
     add_sampling_flags,
     add_tokenizer_flags,
     add_train_flags,
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default: the algorithm's, see docs/rl.md)")
     p.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default {d.warmup_steps})")
     p.add_argument("--beta", type=float, help="KL coefficient to the initial model; 0 = no reference (default 0)")
+    add_safety_flags(p)
     p.add_argument("--ref-offload", action="store_true", help="--dist fsdp2: keep the reference model's shards "
                    "in CPU memory between uses (less GPU memory, one copy in per rollout)")
     p.add_argument("--epochs", type=int, help="passes over each rollout (default 1)")

@@ -29,6 +29,7 @@ def cmd_eval(args):
 
     if (args.data is None) == (args.task is None):
         raise UserError("pass --data FILE (loss, perplexity) or --task NAME (accuracy, pass@k)")
+    out_file = checked_out_file(args.out)  # before the work, not after it
     # Under torchrun the batches of --data are shared out over the ranks (evaluate_lm sums the figures);
     # --task evaluates every problem on every rank. Rank 0 prints and writes.
     device = dist.init(args.device, None)
@@ -47,10 +48,7 @@ def cmd_eval(args):
             return
         print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                              for k, v in result.items()))
-        if args.out:
-            from pglm.train.checkpoint import write_json
-
-            write_json(Path(args.out), result)
+        write_result(out_file, result)
         return
     run = load_run(args.ckpt, device, trust_remote_code=args.trust_remote_code)
     T, tok = run.model.config.block_size, run.tokenizer
@@ -76,10 +74,34 @@ def cmd_eval(args):
     else:
         print(f"{run.ckpt_dir} on {args.data}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
               f"val_token_acc {result['val_token_acc']:.3f}  ({result['val_tokens']:,} tokens)")
-    if args.out:
-        from pglm.train.checkpoint import write_json
+    write_result(out_file, result)
 
-        write_json(Path(args.out), result)
+
+def checked_out_file(out: str | None) -> Path | None:
+    """`--out FILE` of pglm eval, refused up front when it cannot be written."""
+    import os
+
+    if out is None:
+        return None
+    p = Path(out)
+    if p.is_dir():
+        raise UserError(f"--out {p} is a directory; name a file in it, e.g. --out {p / 'eval.json'}")
+    if not p.parent.is_dir():
+        raise UserError(f"--out {p}: the directory {p.parent} does not exist; create it first or choose another")
+    if not os.access(p.parent, os.W_OK):
+        raise UserError(f"--out {p}: the directory {p.parent} is not writable; choose another")
+    return p
+
+
+def write_result(out_file: Path | None, result: dict) -> None:
+    from pglm.train.checkpoint import write_json
+
+    if out_file is None:
+        return
+    try:
+        write_json(out_file, result)
+    except OSError as e:  # a full disk, a file system gone read-only since the check
+        raise UserError(f"--out {out_file} cannot be written ({e.strerror or e}); what was there is unchanged") from None
 
 
 def _looks_like_sft(path):

@@ -87,6 +87,7 @@ def add_train_flags(p):
     g.add_argument("--min-lr-frac", type=float, default=d.min_lr_frac, help="cosine ends at lr × this (default 0.1)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0.1)")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip, 0 = off (default 1.0)")
+    add_safety_flags(g)
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations")
     g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="validation tokens per periodic evaluation")
     g.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints")
@@ -102,6 +103,12 @@ def add_train_flags(p):
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
 
+def add_safety_flags(g):
+    g.add_argument("--skip-nonfinite", action="store_true", help="a step whose loss or gradient is not finite is "
+                   "skipped and counted (metrics: skipped_steps) instead of stopping the run there")
+    g.add_argument("--keep-checkpoints", type=int, help="keep only the newest K checkpoints (default 0: every one)")
+
+
 def add_ckpt_format_flag(g):
     g.add_argument("--ckpt-format", help="full (default: the whole state, written by rank 0) | sharded (every rank "
                    "writes its own shards; for a model whose state does not fit one host); docs/distributed.md")
@@ -113,19 +120,19 @@ def add_dist_flag(g):
 
 
 def train_config(args):
-    from pglm.train.mle import TrainConfig
+    from pglm.errors import check_number
+    from pglm.train.mle import TrainConfig, check_config
 
     if args.steps is None or args.steps <= 0:
         raise UserError("--steps must be a positive number of optimizer steps, e.g. --steps 1000")
-    for name in ("batch_size", "grad_accum", "eval_every", "eval_tokens", "ckpt_every", "log_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr <= 0 or args.grad_clip < 0 or not 0 < args.val_frac < 1:
-        raise UserError("--lr must be positive, --grad-clip 0 (off) or more, and --val-frac between 0 and 1")
-    if args.ckpt_format not in (None, "full", "sharded"):
-        raise UserError(f"--ckpt-format must be full or sharded, not '{args.ckpt_format}'")
+    if hasattr(args, "val_frac"):
+        check_number("--val-frac", args.val_frac, 0, 1, low_open=True, example="0.05")
+        if args.val_frac >= 1:
+            raise UserError("--val-frac must be below 1: some of the text must be left to train on")
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    check_config(cfg)
+    return cfg
 
 
 def model_config_from(args, vocab_size: int):

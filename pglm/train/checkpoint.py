@@ -14,6 +14,7 @@ Weights are safetensors, state is JSON, and the optimizer state is read back wit
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -28,12 +29,34 @@ from pglm.errors import UserError
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+    """Write JSON atomically (temporary file, then rename). NaN and ±inf are written as null: they are
+    not JSON, and a reader such as `jq` or a browser refuses the whole file for one of them."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would make it: mkstemp's 0600 hides the run from colleagues
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_finite(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)  # the file it was to replace is untouched
+        raise
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it: set and put back
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: Path) -> dict:
@@ -44,7 +67,7 @@ def read_json(path: Path) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict | None = None, extra=None,
-                    sharded: bool = False) -> Path | None:
+                    sharded: bool = False, keep: int = 0) -> Path | None:
     """Write checkpoints/step_{step} atomically and point `latest` at it.
 
     `model` is a bare module, or a Policy (possibly wrapped by DDP/FSDP2), whose language model goes to
@@ -53,14 +76,15 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
     by parameter name, whatever the number of processes: every rank helps gather it (FSDP2 holds a
     shard each), rank 0 writes it, so a run saved at one world size resumes at any other. state.json
     records the world size. `sharded` (a Policy only) writes the opt-in sharded format instead
-    (`pglm.train.sharded`): every rank its own shards, nothing gathered. Returns the checkpoint
-    directory on rank 0, None elsewhere.
+    (`pglm.train.sharded`): every rank its own shards, nothing gathered. `keep` > 0 then deletes all
+    but the newest `keep` checkpoints (0: keep every one). Returns the checkpoint directory on rank 0,
+    None elsewhere.
     """
     from pglm import dist
     from pglm.models.policy import Policy
 
     if sharded:
-        return _save_sharded(run_dir, step, model, optimizer, state)
+        return _save_sharded(run_dir, step, model, optimizer, state, keep)
     inner = dist.unwrap(model)
     parts = {"model": inner.model, "value_head": inner.value_head} if isinstance(inner, Policy) else {"model": inner}
     parts.update(extra or {})
@@ -74,6 +98,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step}"
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-{name}-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the checkpoint from colleagues
     for part, module in parts.items():
         if module is None:
             continue
@@ -84,10 +109,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
     if opt_state is not None:
         torch.save(opt_state, tmp / "optimizer.pt")
     write_json(tmp / "state.json", {"step": step, **(state or {}), "world_size": dist.world_size()})
-    return _publish(ckpt_root, name, tmp)
+    return _publish(ckpt_root, name, tmp, keep)
 
 
-def _save_sharded(run_dir: Path, step: int, model, optimizer, state: dict | None) -> Path | None:
+def _save_sharded(run_dir: Path, step: int, model, optimizer, state: dict | None, keep: int) -> Path | None:
     from pglm import dist
     from pglm.train import sharded
 
@@ -105,11 +130,12 @@ def _save_sharded(run_dir: Path, step: int, model, optimizer, state: dict | None
         return None
     write_json(tmp / "state.json", {"step": step, **(state or {}), "world_size": dist.world_size(),
                                     "format": "sharded", "optimizer_param_groups": groups})
-    return _publish(ckpt_root, name, tmp)
+    return _publish(ckpt_root, name, tmp, keep)
 
 
-def _publish(ckpt_root: Path, name: str, tmp: Path) -> Path:
-    """Rename a finished checkpoint into place and point `latest` at it (rank 0)."""
+def _publish(ckpt_root: Path, name: str, tmp: Path, keep: int = 0) -> Path:
+    """Rename a finished checkpoint into place, point `latest` at it, then prune to the newest `keep`
+    (rank 0). Pruning comes last, so a crash at any moment leaves `latest` naming a whole checkpoint."""
     final = ckpt_root / name
     if final.exists():  # the same step written again: set the old one aside (find_checkpoint puts it
         old = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-old-{name}-"))  # back after a crash here)
@@ -121,6 +147,11 @@ def _publish(ckpt_root: Path, name: str, tmp: Path) -> Path:
     latest_tmp = ckpt_root / ".latest.tmp"
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, ckpt_root / "latest")
+    if keep > 0:
+        steps = sorted((int(p.name[5:]), p) for p in ckpt_root.glob("step_*") if p.name[5:].isdigit())
+        for _, old in steps[:-keep]:
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from pglm import dist
 from pglm.data import Batch
+from pglm.errors import UserError
 from pglm.evaluate import evaluate_lm
 from pglm.models.policy import Policy
 from pglm.pg.logprobs import masked_mean_nll
@@ -54,16 +55,54 @@ class TrainConfig:
     seed: int = 0  # seeds data order, initialisation and dropout
     device: str = "auto"  # auto | cpu | cuda
     tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard
+    skip_nonfinite: bool = False  # a step whose gradient is not finite is skipped (counted) instead of stopping
+    keep_checkpoints: int = 0  # the newest K checkpoints stay, older ones are deleted; 0 keeps every one
 
     def __post_init__(self):
         if self.warmup_steps is None:
             self.warmup_steps = min(100, self.steps // 10)
 
 
+MAX_SEED = 2**32 - 1  # what numpy and torch both take as a seed
+MAX_BATCH = 65536  # sequences per micro-batch: beyond this no device holds the activations
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse, before any work, numbers that cannot train (the CLI and a Python caller alike)."""
+    from pglm.errors import check_number
+
+    check_number("--steps", cfg.steps, 1, integer=True, example="1000")
+    check_number("--batch-size", cfg.batch_size, 1, MAX_BATCH, integer=True, example="32 (and --grad-accum for more)")
+    for name in ("grad_accum", "eval_every", "eval_tokens", "ckpt_every", "log_every"):
+        check_number(f"--{name.replace('_', '-')}", getattr(cfg, name), 1, integer=True)
+    check_number("--lr", cfg.lr, 0, 1, low_open=True, example="3e-4")
+    check_number("--min-lr-frac", cfg.min_lr_frac, 0, 1, example="0.1")
+    check_number("--warmup-steps", cfg.warmup_steps, 0, integer=True, example="100")
+    check_number("--weight-decay", cfg.weight_decay, 0, example="0.1")
+    check_number("--beta1", cfg.beta1, 0, 1)
+    check_number("--beta2", cfg.beta2, 0, 1)
+    check_number("--grad-clip", cfg.grad_clip, 0, example="1.0 (0: off)")
+    check_number("--seed", cfg.seed, 0, MAX_SEED, integer=True)
+    check_number("--keep-checkpoints", cfg.keep_checkpoints, 0, integer=True, example="3 (0: keep all)")
+    if cfg.ckpt_format not in ("full", "sharded"):
+        raise UserError(f"--ckpt-format must be full or sharded, not '{cfg.ckpt_format}'")
+    resolve_device(cfg.device)
+
+
 def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N, as one line when this machine has no such device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: pglm runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: this machine has no such CUDA device "
+                        f"({torch.cuda.device_count()} found); use --device cpu or auto")
+    return device
 
 
 def autocast_for(device: torch.device):
@@ -142,6 +181,16 @@ def stop_signals_raise():
         signal.signal(signal.SIGTERM, previous)
 
 
+def nonfinite_message(step: int, grad_norm: float, run_dir) -> str:
+    from pathlib import Path
+
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    kept = f"{latest.read_text().strip()} is the last checkpoint" if latest.is_file() else "no checkpoint was written yet"
+    return (f"step {step}: the loss or gradient is not finite (gradient norm {grad_norm}), so the step was not "
+            f"applied and the run stops; {kept}. Lower --lr or check the data, or pass --skip-nonfinite to skip "
+            "such steps")
+
+
 def mle_step(model, optimizer, micro: list[Batch], grad_clip: float, autocast=contextlib.nullcontext,
              dropout_seeds: list[int] | None = None):
     """One optimizer step over this rank's micro-batches `micro`: forward, loss, backward, clip, step.
@@ -169,7 +218,10 @@ def mle_step(model, optimizer, micro: list[Batch], grad_clip: float, autocast=co
         losses.append(loss.detach())
     clip = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(scorer.parameters(), clip))
-    optimizer.step()
+    # A step whose gradient is not finite must not reach the weights (nor Adam's moments). The check
+    # is one host sync per step; the norm is global, so every rank decides alike.
+    if bool(torch.isfinite(grad_norm)):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return torch.stack(losses).sum(), grad_norm
 
@@ -192,13 +244,16 @@ def train_mle(
     get_batch(rng) gives one micro-batch; val_batches(max_tokens) the validation batches (None: all).
     evaluator(model) adds figures to each evaluation (e.g. task accuracy); stop_when(step, figures),
     asked after each evaluation, ends training there (a checkpoint follows, as at the last step).
-    Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt.
+    Ctrl-C finishes the current step, saves a checkpoint and raises KeyboardInterrupt. A step whose
+    gradient is not finite is not applied: the run stops there (UserError naming the step; the last
+    checkpoint stays), or with cfg.skip_nonfinite goes on, counting such steps in metrics.
 
     `model` is a bare language model, a Policy, or (several processes) the wrapper of one made by
     `pglm.dist.wrap` before the optimizer. Each rank takes cfg.grad_accum micro-batches of the step,
     rank r the global ones r·grad_accum … (r + 1)·grad_accum − 1, so a world of W ranks trains on
     what one process with W·grad_accum micro-batches trains on. Only rank 0 writes.
     """
+    check_config(cfg)
     if not isinstance(dist.unwrap(model), Policy):
         model = Policy(model)
     policy = dist.unwrap(model)
@@ -212,11 +267,12 @@ def train_mle(
 
     def checkpoint(at: int):
         save_checkpoint(run_dir, at, model, optimizer, {"elapsed": metrics.elapsed(), **last_eval},
-                        sharded=cfg.ckpt_format == "sharded")
+                        sharded=cfg.ckpt_format == "sharded", keep=cfg.keep_checkpoints)
 
     total = cfg.steps  # the last step; stop_when may bring it forward
     bar = tqdm(total=total, initial=start_step, disable=not progress or not dist.is_main(), desc="train", unit="step")
     t_log, tokens_since_log = time.perf_counter(), 0
+    skipped = 0  # steps not applied: their gradient was not finite (cfg.skip_nonfinite)
     with stop_on_ctrl_c() as stop_requested:
         while step < total:
             lr = lr_at(step, cfg)
@@ -228,6 +284,10 @@ def train_mle(
             dropout_seeds = [seed_of(cfg.seed, step, "dropout", j) for j in ids]
             loss, grad_norm = mle_step(model, optimizer, micro, cfg.grad_clip, autocast, dropout_seeds)
             step += 1
+            if not bool(torch.isfinite(grad_norm)):  # the step was not applied (mle_step)
+                skipped += 1
+                if not cfg.skip_nonfinite:
+                    raise UserError(nonfinite_message(step, float(grad_norm), run_dir))
             tokens_since_log += sum(b.x.numel() for b in micro) * dist.world_size()
 
             if step % cfg.log_every == 0 or step == total:
@@ -235,7 +295,8 @@ def train_mle(
                 tok_s = tokens_since_log / max(now - t_log, 1e-9)
                 # The only host syncs of the loop: between log lines loss and grad_norm stay tensors.
                 loss, grad_norm = dist.all_sum(loss).item(), grad_norm.item()
-                metrics.log(step, "mle", loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s)
+                metrics.log(step, "mle", loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_s,
+                            **({"skipped_steps": skipped} if skipped else {}))
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 t_log, tokens_since_log = now, 0
             bar.update(1)

@@ -24,6 +24,7 @@ Decisions (docs/rl.md):
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pglm import dist
-from pglm.errors import UserError
+from pglm.errors import UserError, check_number
 from pglm.models.policy import AdapterOff, Policy
 from pglm.pg import advantages as adv_fns
 from pglm.pg.kl import kl_estimate
@@ -45,7 +46,7 @@ from pglm.rng import numpy_rng, python_rng, torch_rng
 from pglm.sampling import complete, concat_generations
 from pglm.train.checkpoint import save_checkpoint
 from pglm.train.metrics import MetricsLog
-from pglm.train.mle import stop_on_ctrl_c
+from pglm.train.mle import MAX_SEED, nonfinite_message, resolve_device, stop_on_ctrl_c
 
 
 @dataclass
@@ -80,6 +81,8 @@ class RLConfig:
     first_step: int = 0  # the step this run starts after (a phase that continues another's numbering)
     seed: int = 0  # seeds prompts, sampling and minibatch order (per step: resume-exact)
     device: str = "auto"  # auto | cpu | cuda
+    skip_nonfinite: bool = False  # an optimizer step whose gradient is not finite is skipped (counted), not fatal
+    keep_checkpoints: int = 0  # the newest K checkpoints stay, older ones are deleted; 0 keeps every one
 
 
 class ValueHead(torch.nn.Module):
@@ -282,17 +285,27 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
     if cfg.ckpt_format not in ("full", "sharded"):
         raise UserError(f"--ckpt-format must be full or sharded, not '{cfg.ckpt_format}'")
     resolve(p, cfg.truncation, cfg.lr)  # the flags that override the preset are valid
-    if cfg.temperature <= 0:
-        raise UserError("--temperature must be > 0")
+    check_number("--temperature", cfg.temperature, 0, 100, low_open=True, example="1.0")
     for name in ("eval_every", "ckpt_every", "warmup_steps"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
-    if cfg.eval_samples < 0 or (cfg.eval_limit is not None and cfg.eval_limit < 1):
-        raise UserError("--eval-samples must be 0 or more, and --eval-limit at least 1")
-    if cfg.grad_clip <= 0 or cfg.beta < 0 or (cfg.lr is not None and cfg.lr <= 0):
-        raise UserError("--lr and the gradient clip must be positive, and --beta 0 or more")
+        check_number(f"--{name.replace('_', '-')}", getattr(cfg, name), 1, integer=True)
+    if cfg.max_new_tokens is not None:
+        check_number("--max-new-tokens", cfg.max_new_tokens, 1, integer=True, example="256")
+    check_number("--eval-samples", cfg.eval_samples, 0, integer=True)
+    if cfg.eval_limit is not None:
+        check_number("--eval-limit", cfg.eval_limit, 1, integer=True)
+    if cfg.lr is not None:
+        check_number("--lr", cfg.lr, 0, 1, low_open=True, example="1e-5")
+    check_number("--beta", cfg.beta, 0, example="0.04 (0: no KL)")
+    check_number("the gradient clip", cfg.grad_clip, 0, low_open=True)
+    check_number("--truncation-penalty", cfg.truncation_penalty)
+    for name, value in (("gamma", cfg.gamma), ("lam", cfg.lam)):
+        check_number(f"--{name}", value, 0, 1)
+    check_number("--vf-coef", cfg.vf_coef, 0)
+    check_number("--vf-clip", cfg.vf_clip, 0, low_open=True)
+    check_number("adam_eps", cfg.adam_eps, 0, low_open=True)
+    check_number("--seed", cfg.seed, 0, MAX_SEED, integer=True)
+    check_number("--keep-checkpoints", cfg.keep_checkpoints, 0, integer=True, example="3 (0: keep all)")
+    resolve_device(cfg.device)
 
 
 def train_rl(
@@ -356,7 +369,8 @@ def train_rl(
         state = {"elapsed": metrics.elapsed(), **last_eval}
         if baseline is not None:
             state["baseline"] = baseline.state_dict()
-        save_checkpoint(run_dir, at, wrapped, optimizer, state, sharded=cfg.ckpt_format == "sharded")
+        save_checkpoint(run_dir, at, wrapped, optimizer, state, sharded=cfg.ckpt_format == "sharded",
+                        keep=cfg.keep_checkpoints)
 
     def evaluate(at: int):
         nonlocal last_eval
@@ -408,8 +422,11 @@ def train_rl(
             # 4. Epochs × minibatches (one optimizer step each) × micro-batches (one backward each).
             for group in optimizer.param_groups:
                 group["lr"] = recipe.lr * min(1.0, (step - cfg.first_step + 1) / max(1, cfg.warmup_steps))
-            sums = update(wrapped, optimizer, params, ro, advantages, loss_mask, ref_logp, old_values, returns,
-                          recipe, cfg, step, N, B, first_row, fused)
+            try:
+                sums = update(wrapped, optimizer, params, ro, advantages, loss_mask, ref_logp, old_values, returns,
+                              recipe, cfg, step, N, B, first_row, fused)
+            except NonFiniteGradient as e:
+                raise UserError(nonfinite_message(step + 1, e.grad_norm, run_dir)) from None
             step += 1
 
             # 5. Log: every figure is over the whole step (all ranks), summed in one collective.
@@ -432,6 +449,8 @@ def train_rl(
                 response_len=n_tok / B, frac_zero_std_groups=n_zero / (B // G), frac_truncated=n_trunc / B,
                 samples_per_s=B / (time.perf_counter() - t0), lr=optimizer.param_groups[0]["lr"], updates=n_updates,
             )
+            if sums[SKIPPED] > 0:
+                row["skipped_updates"] = round(float(sums[SKIPPED]) / W)
             if value_head is not None:
                 row["explained_variance"] = explained_variance(old_values, returns, ro.mask)
             if ref_model is not None:
@@ -461,7 +480,7 @@ def train_rl(
 # The sums `update` returns, in this order: token-weighted statistics, then the rest.
 PG_STATS = ("entropy", "clip_frac", "approx_kl", "ratio_mean")
 TOKEN_STATS = (*PG_STATS, "value_loss", "vf_clip_frac")
-TOKENS, LOSS, GRAD_NORM, UPDATES = range(len(TOKEN_STATS), len(TOKEN_STATS) + 4)
+TOKENS, LOSS, GRAD_NORM, UPDATES, SKIPPED = range(len(TOKEN_STATS), len(TOKEN_STATS) + 5)
 
 
 def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_logp, old_values, returns,
@@ -474,13 +493,14 @@ def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_l
     gradient is that of one process holding the whole minibatch. Every rank runs as many micro-batches
     (a rank with fewer rows runs empty ones, weight 0: under FSDP2 every forward is a collective, and
     under DDP every rank must join the all-reduce), and a minibatch with no token to learn from is
-    skipped on every rank. Returns this rank's sums (TOKEN_STATS …, TOKENS, LOSS, GRAD_NORM, UPDATES),
+    skipped on every rank, as is (with cfg.skip_nonfinite; else NonFiniteGradient) one whose gradient is
+    not finite. Returns this rank's sums (TOKEN_STATS …, TOKENS, LOSS, GRAD_NORM, UPDATES, SKIPPED),
     to be summed over ranks.
     """
     W = dist.world_size()
     B_local = ro.tokens.size(0)
     device = ro.tokens.device
-    sums = torch.zeros(UPDATES + 1, dtype=torch.float64, device=device)
+    sums = torch.zeros(SKIPPED + 1, dtype=torch.float64, device=device)
     for epoch in range(cfg.epochs):
         order = torch.randperm(B, generator=torch_rng(cfg.seed, step, "minibatch", epoch)) if cfg.minibatches > 1 \
             else torch.arange(B)
@@ -493,6 +513,7 @@ def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_l
                 continue  # nothing to learn from (all masked) on any rank: Adam must not move on zero gradients
             normalizer = n_tok if preset.agg == "token-mean" else n_seq
             optimizer.zero_grad(set_to_none=True)
+            piece = torch.zeros_like(sums)  # this minibatch's sums, kept only if its step is applied
             for i in range(n_mi):
                 idx = mb[i * size : (i + 1) * size]
                 weight = 1.0 if len(idx) else 0.0
@@ -521,14 +542,29 @@ def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_l
                 k = weight * float(m.sum())
                 for j, name in enumerate(TOKEN_STATS):
                     if name in stats:
-                        sums[j] += float(stats[name]) * k
-                sums[TOKENS] += k
-                sums[LOSS] += weight * float(loss.detach())
-            grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                        piece[j] += float(stats[name]) * k
+                piece[TOKENS] += k
+                piece[LOSS] += weight * float(loss.detach())
+            grad_norm = float(dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+            if not math.isfinite(grad_norm):  # the same on every rank: every rank skips, or stops, alike
+                optimizer.zero_grad(set_to_none=True)  # this minibatch reaches neither the weights nor Adam
+                if not cfg.skip_nonfinite:
+                    raise NonFiniteGradient(grad_norm)
+                sums[SKIPPED] += 1
+                continue
             optimizer.step()
-            sums[GRAD_NORM] += float(grad_norm)  # the same on every rank: summed over W, divided by W when logged
+            sums += piece
+            sums[GRAD_NORM] += grad_norm  # the same on every rank: summed over W, divided by W when logged
             sums[UPDATES] += 1  # summed over ranks: W per update
     return sums
+
+
+class NonFiniteGradient(Exception):
+    """An optimizer step not applied because its gradient was not finite (train_rl says so to the user)."""
+
+    def __init__(self, grad_norm: float):
+        super().__init__(grad_norm)
+        self.grad_norm = grad_norm
 
 
 def minibatch_counts(loss_mask: torch.Tensor, mbs: list[torch.Tensor], size: int):
