@@ -280,3 +280,28 @@ def test_hf_reward_model_scores(tmp_path):
     fn = hf_reward_model(tmp_path, batch_size=2)
     scores = fn(["q", "q", "q"], ["good", "bad", "good"])
     assert len(scores) == 3 and scores[0] == pytest.approx(scores[2]) and scores[0] != scores[1]
+
+
+def test_a_reward_that_exits_hangs_or_overflows_is_one_line():
+    import time
+
+    from pglm.rewards.loader import call_reward
+
+    def exits(prompts, completions, **kw):
+        raise SystemExit(3)
+
+    def hangs(prompts, completions, **kw):
+        time.sleep(30)
+        return [0.0] * len(completions)
+
+    def huge(prompts, completions, **kw):
+        return [1e308] * len(completions)
+
+    with pytest.raises(UserError, match=r"called sys.exit\(3\) on sample 0"):
+        call_reward(exits, ["p"], ["c"])
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="did not return within 0.2 s on a batch of 1 samples.*--reward-timeout"):
+        call_reward(hangs, ["p"], ["c"], timeout=0.2)
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(UserError, match=r"returned 1e\+308 .* scale the reward down"):
+        call_reward(huge, ["p"], ["c"])

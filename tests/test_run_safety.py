@@ -177,3 +177,17 @@ def test_a_run_killed_before_its_first_checkpoint_is_replaced_by_a_plain_rerun(r
     other = tmp_path / "other"
     shutil.copytree(runs / "add2", other)  # with a checkpoint, it is a run: refused, as before
     assert "already holds a run" in error_line(capsys, ["sft", "--task", "add2", "--steps", "1", "--out", str(other), *TINY])
+
+
+def test_a_reward_that_hangs_or_exits_ends_the_run_with_exit_2(runs, tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "1+2="}) + "\n")
+    (tmp_path / "r.py").write_text("import sys, time\n"
+                                   "def hangs(prompts, completions, **kw):\n    time.sleep(60)\n"
+                                   "def exits(prompts, completions, **kw):\n    sys.exit(3)\n")
+    for fn, message in (("hangs", "did not return within 0.3 s"), ("exits", "called sys.exit(3)")):
+        out = tmp_path / fn
+        line = fails(capsys, ["rl", "--init", str(runs / "add2"), "--prompts", str(tmp_path / "p.jsonl"), "--reward",
+                              f"{tmp_path / 'r.py'}:{fn}", "--max-new-tokens", "2", "--reward-timeout", "0.3",
+                              "--out", str(out), *RL])
+        assert message in line
+        assert not out.exists()

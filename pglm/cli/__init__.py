@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", action="append", help="with --prompts: module:function or path/to/file.py:function "
                    "(repeatable; builtin:exact_match, builtin:numeric_match, builtin:chrf, builtin:bleu)")
     p.add_argument("--reward-weight", action="append", type=float, help="weight of each --reward, in order")
+    p.add_argument("--reward-timeout", type=float, help=f"seconds one reward call may take before the run stops "
+                   f"with an error (default {d.reward_timeout:g}; 0: no limit)")
     p.add_argument("--algo", default=d.algo, help=f"{' | '.join(PRESETS)} (default {d.algo})")
     p.add_argument("--steps", type=int, help=f"rollouts, one or more optimizer steps each (default {d.steps})")
     p.add_argument("--group-size", type=int, help=f"samples per prompt (default {d.group_size})")

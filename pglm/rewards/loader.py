@@ -14,12 +14,15 @@ stops the run with a clear error naming the function and the offending sample).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import math
 import numbers
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -154,21 +157,55 @@ def _columns_of(columns: dict, i: int, n: int) -> dict:
     return {k: (v[i : i + 1] if isinstance(v, (list, tuple)) and len(v) == n else v) for k, v in columns.items()}
 
 
-def call_reward(fn: RewardFn, prompts: list[str], completions: list[str], columns: dict | None = None) -> list[float]:
+MAX_REWARD = 1e9  # beyond it the squares of group statistics overflow float32
+
+
+class _TimedOut(BaseException):
+    """Raised into a reward that ran past its time (BaseException: a reward's own `except Exception`
+    must not swallow it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Interrupt the code inside after `seconds` (SIGALRM; the main thread of a Unix process only)."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise _TimedOut()
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def call_reward(fn: RewardFn, prompts: list[str], completions: list[str], columns: dict | None = None,
+                timeout: float | None = None) -> list[float]:
     """fn(prompts, completions, **columns) as a list of finite floats, or a UserError saying why not.
 
-    When the call raises, fn is called again on one sample at a time to find the first sample that
-    raises (a reward with side effects sees those samples twice; only on the way to an error)."""
+    When the call raises (or exits: sys.exit in a reward is an error, not the run's exit code), fn is
+    called again on one sample at a time to find the first sample that raises (a reward with side
+    effects sees those samples twice; only on the way to an error). A call that takes longer than
+    `timeout` seconds is stopped, with one line that says so."""
     columns = columns or {}
     n = len(prompts)
     if len(completions) != n:
         raise ValueError(f"{n} prompts but {len(completions)} completions")
     name = reward_name(fn)
     try:
-        out = fn(prompts, completions, **columns)
+        with _time_limit(timeout):
+            out = fn(prompts, completions, **columns)
+    except _TimedOut:
+        raise UserError(f"reward {name} did not return within {timeout:g} s on a batch of {n} samples (the first: "
+                        f"{_sample(prompts, completions, 0)}); make it faster, or raise --reward-timeout") from None
     except UserError:
         raise  # already says what to do
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise _locate_raise(fn, name, prompts, completions, columns, e) from None
 
     if hasattr(out, "tolist"):  # a tensor or an array
@@ -188,6 +225,9 @@ def call_reward(fn: RewardFn, prompts: list[str], completions: list[str], column
         if not math.isfinite(r):
             raise UserError(f"reward {name} returned {r} for {_sample(prompts, completions, i)}; "
                             "return a finite float for every completion")
+        if abs(r) > MAX_REWARD:
+            raise UserError(f"reward {name} returned {r:g} for {_sample(prompts, completions, i)}; rewards beyond "
+                            f"±{MAX_REWARD:g} overflow the advantage arithmetic: scale the reward down")
         rewards.append(r)
     return rewards
 
@@ -197,8 +237,10 @@ def _locate_raise(fn, name, prompts, completions, columns, e: Exception) -> User
     for i in range(n):
         try:
             fn(prompts[i : i + 1], completions[i : i + 1], **_columns_of(columns, i, n))
-        except Exception as one:
-            return UserError(f"reward {name} raised {type(one).__name__} on {_sample(prompts, completions, i)}"
-                             f"{_at(one)}: {one}; fix the reward function")
-    return UserError(f"reward {name} raised {type(e).__name__} on a batch of {n} samples "
+        except (Exception, SystemExit) as one:
+            what = f"called sys.exit({one.code!r})" if isinstance(one, SystemExit) else f"raised {type(one).__name__}"
+            return UserError(f"reward {name} {what} on {_sample(prompts, completions, i)}"
+                             f"{_at(one)}: {one}; fix the reward function (a reward returns its values)")
+    what = f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"raised {type(e).__name__}"
+    return UserError(f"reward {name} {what} on a batch of {n} samples "
                      f"(no single sample raises){_at(e)}: {e}; fix the reward function")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -157,6 +158,10 @@ def stop_on_ctrl_c():
     def handler(signum, frame):
         flag.set()
         signal.signal(signum, previous[signum])
+        if dist.is_main():  # said at once: the step may take a while (a slow reward, a long evaluation)
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(f"\n{name}: stopping after this step and its checkpoint; {name} again stops at once",
+                  file=sys.stderr, flush=True)
 
     for sig in signals:
         signal.signal(sig, handler)

@@ -83,6 +83,7 @@ class RLConfig:
     device: str = "auto"  # auto | cpu | cuda
     skip_nonfinite: bool = False  # an optimizer step whose gradient is not finite is skipped (counted), not fatal
     keep_checkpoints: int = 0  # the newest K checkpoints stay, older ones are deleted; 0 keeps every one
+    reward_timeout: float = 300.0  # seconds a reward call may take (one rollout chunk's batch); 0: no limit
 
 
 class ValueHead(torch.nn.Module):
@@ -186,7 +187,7 @@ def collect_rollout(model, tokenizer, rows: list[dict], reward_fn, cfg: RLConfig
     columns["completion_lengths"] = (g.response_mask.sum(1) - g.finished.long()).tolist()
     rewards = None
     with dist.agreed_errors():
-        rewards = call_reward(reward_fn, prompts_rep, completions, columns)
+        rewards = call_reward(reward_fn, prompts_rep, completions, columns, timeout=cfg.reward_timeout)
     device = g.tokens.device
     return Rollout(g.tokens, g.n_pad, g.prompt_len, g.response_mask, g.logprobs.detach(),
                    torch.tensor(rewards, dtype=torch.float64, device=device).to(g.logprobs.dtype), g.finished,
@@ -305,6 +306,7 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
     check_number("adam_eps", cfg.adam_eps, 0, low_open=True)
     check_number("--seed", cfg.seed, 0, MAX_SEED, integer=True)
     check_number("--keep-checkpoints", cfg.keep_checkpoints, 0, integer=True, example="3 (0: keep all)")
+    check_number("--reward-timeout", cfg.reward_timeout, 0, example="300 (0: no limit)")
     resolve_device(cfg.device)
 
 
