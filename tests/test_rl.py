@@ -218,3 +218,16 @@ def test_the_estimator_registry_says_which_advantages_vanish_on_equal_rewards(na
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # two groups of 3, equal within each
     a = compute_advantages(Preset(name, name, "token-mean"), rewards, 3, MovingBaseline(b=0.5))
     assert bool((a == 0).all()) == ESTIMATORS[name].groups
+
+
+def test_collapse_is_announced_once_and_not_for_a_healthy_run():
+    from pglm.train.rl import CollapseWatch
+
+    healthy = CollapseWatch(window=3)
+    assert [healthy.update(0.3 + 0.01 * s, 4.0) for s in range(20)] == [[]] * 20
+    w = CollapseWatch(window=3)
+    said = [w.update(r, n) for r, n in [(0.06, 4.0)] * 3 + [(0.04, 3.0), (0.02, 1.0), (0.01, 0.2), (0.01, 0.1)]]
+    assert [len(x) for x in said] == [0, 0, 0, 0, 0, 2, 0]  # at the first full latest window, then never again
+    assert "fell from 4.0 to 1.4 tokens" in said[5][0] and "fell from 0.06" in said[5][1]
+    negative = CollapseWatch(window=2)  # a reward that starts at or below 0 has no "half of where it started"
+    assert all(not negative.update(r, 4.0) for r in (-0.5, -0.4, -2.0, -3.0, -4.0))

@@ -191,3 +191,13 @@ def test_a_reward_that_hangs_or_exits_ends_the_run_with_exit_2(runs, tmp_path, c
                               "--out", str(out), *RL])
         assert message in line
         assert not out.exists()
+
+
+def test_prompts_without_max_new_tokens_take_the_default_the_context_allows(runs, tmp_path, capsys):
+    """TRL's default completion length is 256; the add2 model's context is 16, so what it leaves."""
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n")
+    out = tmp_path / "run"
+    assert main(["rl", "--init", str(runs / "add2"), "--prompts", str(tmp_path / "p.jsonl"), "--reward",
+                 "builtin:exact_match", "--out", str(out), *RL]) == 0
+    assert "completions of up to 11 tokens (the default, what the context leaves" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["rl"]["max_new_tokens"] is None  # resumes the same way

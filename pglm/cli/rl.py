@@ -10,6 +10,8 @@ from pglm import __version__
 from pglm.cli.train import check_task_tokenizer, finish_run
 from pglm.errors import UserError
 
+DEFAULT_MAX_NEW_TOKENS = 256  # with --prompts, as TRL's max_completion_length
+
 
 def cmd_rl(args):
     from pglm.train.rundir import run_directory
@@ -75,8 +77,6 @@ def rl(args, out):
         reward_fn = load_rewards(source["reward"], source["reward_weight"])
         all_rows = read_prompt_rows(source["prompts"])  # chat rows are rendered once the tokenizer is known
     N = cfg.max_new_tokens if cfg.max_new_tokens is not None else (task.max_new_tokens if task else None)
-    if N is None:
-        raise UserError("--prompts needs --max-new-tokens N: how long a completion may be")
 
     # Every rank runs the set-up below; only rank 0 touches the run directory.
     with dist.agreed_errors():
@@ -97,9 +97,16 @@ def rl(args, out):
         except UserError as e:
             raise UserError(f"the tokenizer of {args.init or out} cannot encode the prompts ({e}); "
                             "start from a model trained on text like them") from None
-        if max_context(model) is not None and longest + N > max_context(model):
+        context = max_context(model)
+        default_n = N is None  # --prompts without --max-new-tokens: TRL's 256, or what the context leaves
+        if default_n:
+            N = DEFAULT_MAX_NEW_TOKENS if context is None else min(DEFAULT_MAX_NEW_TOKENS, context - longest)
+            if N < 1:
+                raise UserError(f"the longest prompt has {longest} tokens, the model's whole context of {context}; "
+                                "shorten the prompts")
+        if context is not None and longest + N > context:
             raise UserError(f"prompts of {longest} tokens plus --max-new-tokens {N} exceed the model's context of "
-                            f"{model.config.block_size}; lower --max-new-tokens")
+                            f"{context}; lower --max-new-tokens")
         value_head = ValueHead(model.config.d_model).to(device) if recipe.estimator.values else None
         baseline = MovingBaseline() if recipe.estimator.state else None
         # The KL's reference: a frozen copy of the initial model, loaded only when β > 0; a LoRA model
@@ -142,6 +149,9 @@ def rl(args, out):
         ref_model = dist.wrap(Policy(ref_model), args.dist, device, offload=args.ref_offload)
     if dist.is_main():
         print(describe(recipe, cfg.beta, cfg.group_size, N, cfg.gamma, cfg.lam), file=sys.stderr)
+        if default_n:
+            print(f"rl: completions of up to {N} tokens (the default{'' if N == DEFAULT_MAX_NEW_TOKENS else ', what the context leaves'}; "
+                  "--max-new-tokens to change)", file=sys.stderr)
         print(f"rl: {cfg.prompts_per_step} prompts × {cfg.group_size} sample{'s' if cfg.group_size > 1 else ''} per step, "
               f"lr {recipe.lr:g}, {cfg.steps} steps from {config['init']} → {out}"
               + (f", {dist.world_size()} processes ({args.dist or 'ddp'})" if dist.world_size() > 1 else ""),

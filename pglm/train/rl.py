@@ -365,6 +365,7 @@ def train_rl(
     params = [q for g in optimizer.param_groups for q in g["params"]]  # what the gradient-norm clip covers
     last_eval: dict = {}
     zero_std_streak = 0
+    collapse = CollapseWatch()
     say = (lambda text: bar.write(text)) if dist.is_main() else (lambda text: None)
 
     def checkpoint(at: int):
@@ -462,6 +463,8 @@ def train_rl(
             bar.update(1)
             frac_zero = n_zero / (B // G)
             zero_std_streak = zero_std_streak + 1 if group_relative and frac_zero == 1.0 else 0
+            for warning in collapse.update(row["reward_mean"], row["response_len"]):
+                say(warning)
             if zero_std_streak == cfg.zero_std_warn_steps:
                 say(f"warning: for {zero_std_streak} steps every group of {G} samples got equal rewards, so every "
                     "advantage is 0 and the policy does not move (the 'loss is 0' of trl#2703). Raise --group-size "
@@ -477,6 +480,38 @@ def train_rl(
                 raise KeyboardInterrupt
     bar.close()
     return last_eval
+
+
+class CollapseWatch:
+    """Says, once each, when the policy collapses: the mean response length falls to almost nothing
+    (every answer an immediate end-of-sequence), or the mean reward falls to under half of where the
+    run started. Means over windows of `window` steps: the first of this run against the latest."""
+
+    def __init__(self, window: int = 10):
+        self.window = window
+        self.first: list[tuple[float, float]] = []
+        self.latest: list[tuple[float, float]] = []
+        self.said: set[str] = set()
+
+    def update(self, reward_mean: float, response_len: float) -> list[str]:
+        (self.first if len(self.first) < self.window else self.latest).append((reward_mean, response_len))
+        self.latest = self.latest[-self.window :]
+        if len(self.latest) < self.window:
+            return []
+        r0, n0 = (sum(x) / self.window for x in zip(*self.first))
+        r1, n1 = (sum(x) / self.window for x in zip(*self.latest))
+        out = []
+        if "length" not in self.said and n1 < 2 and n1 < n0 / 2:
+            self.said.add("length")
+            out.append(f"warning: the mean response length fell from {n0:.1f} to {n1:.1f} tokens: the policy is "
+                       "collapsing to (almost) empty answers. Lower --lr (÷4), add --beta 0.04 to hold it near its "
+                       "start, or start from a model that earns more reward")
+        if "reward" not in self.said and r0 > 0 and r1 < r0 / 2:
+            self.said.add("reward")
+            out.append(f"warning: the mean reward fell from {r0:.3g} (first {self.window} steps) to {r1:.3g} (last "
+                       f"{self.window}): the updates make the policy worse. Lower --lr (÷4), add --beta 0.04, or "
+                       "check that the reward scores what you mean")
+        return out
 
 
 # The sums `update` returns, in this order: token-weighted statistics, then the rest.
