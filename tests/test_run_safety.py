@@ -130,7 +130,7 @@ def test_a_run_in_use_is_not_resumed_or_overwritten_by_another(runs, tmp_path, c
             line = error_line(capsys, ["sft", "--task", "add2", "--steps", "3", "--out", str(run), flag, *TINY])
             assert f"is in use by pglm process {os.getpid()}" in line, flag
     assert snapshot(run) == before
-    assert main(["sft", "--task", "add2", "--steps", "3", "--out", str(run), "--resume", *TINY]) == 0  # released
+    assert main(["sft", "--steps", "3", "--out", str(run), "--resume", "--quiet"]) == 0  # released
 
 
 def test_sigterm_checkpoints_the_step_and_resume_goes_on(runs, tmp_path, capsys):
@@ -155,7 +155,7 @@ def test_sigterm_checkpoints_the_step_and_resume_goes_on(runs, tmp_path, capsys)
     try:
         assert main(argv(1, out)) == 130
         assert (out / "checkpoints" / "latest").read_text().strip() == "step_1"
-        assert main([*argv(1, out), "--resume"]) == 0
+        assert main(["rl", "--out", str(out), "--resume", "--quiet"]) == 0
         assert (out / "checkpoints" / "latest").read_text().strip() == "step_3"
         capsys.readouterr()
         fresh = tmp_path / "fresh"
@@ -201,3 +201,37 @@ def test_prompts_without_max_new_tokens_take_the_default_the_context_allows(runs
                  "builtin:exact_match", "--out", str(out), *RL]) == 0
     assert "completions of up to 11 tokens (the default, what the context leaves" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["rl"]["max_new_tokens"] is None  # resumes the same way
+
+
+def test_resume_honours_or_refuses_each_flag_by_name(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "add2", run)  # sft, 2 steps, finished
+    before = snapshot(run)
+    resume = ["sft", "--out", str(run), "--resume", "--quiet"]
+    assert "is finished (step 2 of 2); pass --steps N above 2" in error_line(capsys, resume)
+    assert "--steps 1: " in error_line(capsys, [*resume, "--steps", "1"]) and "already reached step 2" in \
+        error_line(capsys, [*resume, "--steps", "2"])
+    line = error_line(capsys, [*resume, "--steps", "4", "--lr", "0.5", "--batch-size", "3"])
+    assert "--batch-size 3 (the run's: 8); --lr 0.5 (the run's: 0.001) would change what it computes" in line
+    assert "--n-layer (part of the run's set-up)" in error_line(capsys, [*resume, "--steps", "4", "--n-layer", "2"])
+    assert snapshot(run) == before  # nothing written by any of these
+    # What a resume honours (how the run is watched and kept), and the schedule it stretches, said.
+    assert main([*resume, "--steps", "4", "--eval-every", "1", "--keep-checkpoints", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "--steps 4 (was 2): the cosine schedule now runs to step 4, so the learning rate at step 2 is" in err
+    config = json.loads((run / "config.json").read_text())["train"]
+    assert (config["steps"], config["eval_every"], config["lr"]) == (4, 1, 0.001)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_4"]
+
+
+def test_an_rl_resume_refuses_a_reference_model_that_changed(runs, tmp_path, capsys):
+    init = tmp_path / "init"
+    shutil.copytree(runs / "add2", init)
+    out = tmp_path / "rl"
+    assert main(["rl", "--init", str(init), "--task", "add2", "--beta", "0.1", "--out", str(out),
+                 *RL[:1], "1", *RL[2:]]) == 0
+    capsys.readouterr()
+    assert main(["sft", "--task", "add2", "--steps", "2", "--seed", "7", "--out", str(init), "--overwrite", *TINY]) == 0
+    capsys.readouterr()  # the --init run retrained: other weights under the same name
+    line = error_line(capsys, ["rl", "--out", str(out), "--resume", "--steps", "2", "--quiet"])
+    assert "has changed since the run started" in line

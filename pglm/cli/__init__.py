@@ -25,6 +25,7 @@ from pglm.cli.flags import (
     add_sampling_flags,
     add_tokenizer_flags,
     add_train_flags,
+    given_flags,
 )
 from pglm.cli.rl import cmd_rl
 from pglm.cli.train import cmd_prepare, cmd_pretrain, cmd_sft
@@ -188,10 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (already printed as one line)
         return int(e.code or 0)
+    args.given = given_flags(parser, argv)  # what --resume may honour or must refuse
     from pglm import dist
     from pglm.dist import SharedUserError
     from pglm.train.mle import stop_signals_raise

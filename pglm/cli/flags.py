@@ -185,3 +185,67 @@ def check_sampling_args(args):
         raise UserError("--top-k must be a positive number of tokens")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
+
+
+# ---- resuming: the run's settings hold, unless a flag may change without changing the trajectory ----
+
+# Flags a resume honours: where and how the run is watched and kept, not what it computes.
+HONOURED_ON_RESUME = {"steps", "device", "quiet", "keep_checkpoints", "skip_nonfinite", "ckpt_every", "eval_every",
+                      "log_every", "eval_tokens", "eval_samples", "eval_limit", "reward_timeout", "tensorboard"}
+# Flags of the command itself, not of the run.
+RUN_CONTROL = {"out", "resume", "overwrite", "dist", "trust_remote_code", "ref_offload", "command", "func"}
+
+
+def given_flags(parser, argv: list[str]) -> set[str]:
+    """The dests of the options written on the command line (defaults not counted), as argparse
+    resolves them, unique prefixes included."""
+    import argparse
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    command = next((t for t in argv if not t.startswith("-")), None)
+    p = sub.choices.get(command)
+    if p is None:
+        return set()
+    options = p._option_string_actions  # noqa: SLF001 (argparse keeps the map of option strings here)
+    given = set()
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        action = options.get(name)
+        if action is None:
+            matches = {a for o, a in options.items() if o.startswith(name)}
+            action = matches.pop() if len(matches) == 1 else None
+        if action is not None:
+            given.add(action.dest)
+    return given
+
+
+def resumed_config(cls, saved: dict, args, out, step: int):
+    """The config of a run resumed at `step`: the saved one, with the flags given now that a resume
+    honours (HONOURED_ON_RESUME); any other flag that would change the run is refused by name, as is
+    --steps that does not go beyond `step`."""
+    cfg = cls(**saved)
+    names = {f.name for f in fields(cls)}
+    given = getattr(args, "given", set())
+    refused = []
+    for name in sorted(given - RUN_CONTROL):
+        new = getattr(args, name, None)
+        if name in names and (new is None or new == getattr(cfg, name)):
+            continue  # the run's own value, written again
+        if name in HONOURED_ON_RESUME:
+            setattr(cfg, name, new)
+        elif name in names:
+            refused.append(f"--{name.replace('_', '-')} {new} (the run's: {getattr(cfg, name)})")
+        else:
+            refused.append(f"--{name.replace('_', '-')} (part of the run's set-up)")
+    if refused:
+        raise UserError(f"--resume continues {out} with its own settings, but {'; '.join(refused)} would change "
+                        "what it computes: drop it, or start a new run in another --out")
+    if cfg.steps < step or (cfg.steps == step and "steps" in given):
+        raise UserError(f"--steps {cfg.steps}: {out} has already reached step {step}; pass a larger --steps "
+                        "to train longer")
+    if cfg.steps == step:
+        raise UserError(f"{out} is finished (step {step} of {cfg.steps}); pass --steps N above {step} to train "
+                        "it longer")
+    return cfg

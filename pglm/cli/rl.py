@@ -32,7 +32,7 @@ def rl(args, out):
     from pglm.rewards.loader import load_rewards
     from pglm.runs import load_run
     from pglm.tasks import get_task
-    from pglm.train.checkpoint import load_optimizer, load_weights, read_json, write_json
+    from pglm.train.checkpoint import load_optimizer, load_weights, read_json, weights_fingerprint, write_json
     from pglm.train.metrics import MetricsLog
     from pglm.train.rl import (
         RLConfig,
@@ -50,9 +50,11 @@ def rl(args, out):
         config = read_json(Path(args.out) / "config.json") if (Path(args.out) / "config.json").is_file() else None
         if config is None or config.get("command") != "rl":
             raise UserError(f"--resume: {args.out} holds no pglm rl run; drop --resume to start one")
-        cfg = RLConfig(**config["rl"])
-        if args.steps is not None:
-            cfg.steps = args.steps
+        from pglm.cli.flags import resumed_config
+        from pglm.train.checkpoint import find_checkpoint
+
+        _, ckpt = find_checkpoint(out)
+        cfg = resumed_config(RLConfig, config["rl"], args, out, int(read_json(ckpt / "state.json")["step"]))
         source = config["source"]
     else:
         if not args.init:
@@ -123,7 +125,12 @@ def rl(args, out):
             start = int(state["step"])
             if baseline is not None and "baseline" in state:
                 baseline.load_state_dict(state["baseline"])
-            if needs_ref:  # the initial model: the --init run loaded again
+            if needs_ref:  # the initial model: the --init run loaded again, and checked to be the same
+                pinned = config.get("reference_sha256")
+                if pinned is not None and weights_fingerprint(config["init"]) != pinned:
+                    raise UserError(f"the reference model of this run's KL, {config['init']}, has changed since the "
+                                    "run started (its weights differ), so the KL would jump; put it back, or start "
+                                    "a new run")
                 ref_model = load_run(config["init"], device, trust_remote_code=args.trust_remote_code).model
             config["rl"] = asdict(cfg)
         else:
@@ -133,6 +140,8 @@ def rl(args, out):
             config = {"pglm_version": __version__, "command": "rl", "init": str(init.ckpt_dir),
                       "model": asdict(model.config), "rl": asdict(cfg), "source": source,
                       "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}
+            if needs_ref:  # pinned: a resume checks that the --init run still holds these weights
+                config["reference_sha256"] = weights_fingerprint(init.ckpt_dir)
             if dist.is_main():
                 tokenizer.save(out / "tokenizer.json")
                 write_json(out / "config.json", config)

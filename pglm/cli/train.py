@@ -36,13 +36,14 @@ def start_run(args, out, command: str, prepare):
     import torch
 
     from pglm import dist
+    from pglm.cli.flags import resumed_config
     from pglm.models import build_model, config_from_dict, count_params
     from pglm.models.policy import POLICY_METHODS, Policy
     from pglm.runs import load_run
     from pglm.tokenizers import load_tokenizer
-    from pglm.train.checkpoint import load_optimizer, read_json, write_json
+    from pglm.train.checkpoint import find_checkpoint, load_optimizer, read_json, write_json
     from pglm.train.metrics import MetricsLog
-    from pglm.train.mle import TrainConfig, make_optimizer
+    from pglm.train.mle import TrainConfig, lr_at, make_optimizer
 
     def wrapped_and_optimizer(model, train_cfg, device):
         model.to(device).train()
@@ -53,10 +54,11 @@ def start_run(args, out, command: str, prepare):
         config = read_json(out / "config.json")
         if config.get("command") != command:
             raise UserError(f"--resume: {out} is a '{config.get('command')}' run; resume it with pglm {config.get('command')}")
-        train_cfg = TrainConfig(**config["train"])
-        if args.steps is not None:  # the one setting a resume may change: train for longer
-            train_cfg.steps = args.steps
-            config["train"] = asdict(train_cfg)
+        _, ckpt = find_checkpoint(out)
+        reached = int(read_json(ckpt / "state.json")["step"])
+        saved_cfg = TrainConfig(**config["train"])
+        train_cfg = resumed_config(TrainConfig, config["train"], args, out, reached)  # or one line saying why not
+        config["train"] = asdict(train_cfg)
         device = dist.init(train_cfg.device, args.dist)
         loaded = load_run(out, trust_remote_code=args.trust_remote_code)
         tokenizer = loaded.tokenizer
@@ -71,6 +73,11 @@ def start_run(args, out, command: str, prepare):
             print(f"resuming {out} at step {start_step} of {train_cfg.steps}"
                   + (f" (saved by {saved_world} processes, resumed by {dist.world_size()})"
                      if saved_world != dist.world_size() else ""), file=sys.stderr)
+            if train_cfg.steps != saved_cfg.steps:  # the cosine schedule is stretched: say what that does
+                before, after = lr_at(reached, saved_cfg), lr_at(reached, train_cfg)
+                print(f"--steps {train_cfg.steps} (was {saved_cfg.steps}): the cosine schedule now runs to step "
+                      f"{train_cfg.steps}, so the learning rate at step {reached} is {after:.3g} (it was "
+                      f"{before:.3g})", file=sys.stderr)
         return out, config, tokenizer, model, optimizer, start_step, metrics
 
     if not args.data and not getattr(args, "task", None):

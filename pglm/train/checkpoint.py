@@ -196,6 +196,22 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, ckpt
 
 
+def weights_fingerprint(ckpt_dir) -> str:
+    """sha256 of a checkpoint's (or an hf:PATH directory's) weight files, names and bytes: what pins
+    the reference model of an RL run's KL."""
+    import hashlib
+
+    root = Path(str(ckpt_dir).removeprefix("hf:"))
+    files = sorted(p for pattern in ("model.safetensors", "*.safetensors", "sharded/**/*.safetensors")
+                   for p in root.glob(pattern))
+    h = hashlib.sha256()
+    for f in dict.fromkeys(files):  # each once, in order
+        h.update(str(f.relative_to(root)).encode())
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
 def load_weights(model, ckpt_dir: Path, name: str = "model") -> None:
     """Load NAME.safetensors (or NAME's weights of a sharded checkpoint) into `model`, turning damage
     into one clear line."""
