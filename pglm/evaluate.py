@@ -38,8 +38,8 @@ def evaluate_lm(model, batches: Iterable[Batch], device="cpu", autocast=None) ->
             totals += stats
     nll, correct, count = dist.all_sum(totals).tolist()
     policy.train(was_training)
-    if count == 0:
-        return {"val_loss": float("nan"), "val_ppl": float("nan"), "val_token_acc": float("nan"), "val_tokens": 0}
+    if count == 0:  # nothing to validate on (a one-row SFT file): no figures, rather than NaN ones
+        return {"val_tokens": 0}
     loss = nll / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_token_acc": correct / count,
             "val_tokens": int(count)}

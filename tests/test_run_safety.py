@@ -235,3 +235,13 @@ def test_an_rl_resume_refuses_a_reference_model_that_changed(runs, tmp_path, cap
     capsys.readouterr()  # the --init run retrained: other weights under the same name
     line = error_line(capsys, ["rl", "--out", str(out), "--resume", "--steps", "2", "--quiet"])
     assert "has changed since the run started" in line
+
+
+def test_a_one_row_sft_file_trains_without_nan_figures(tmp_path, capsys):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "1+", "completion": "1"}) + "\n")
+    out = tmp_path / "run"
+    assert main(["sft", "--data", str(data), "--steps", "2", "--out", str(out), *TINY]) == 0
+    assert "has one row, all of it for training, so there is no validation" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_tokens"] == 0 and "val_loss" not in summary

@@ -261,6 +261,9 @@ def sft(args, out):
         else:  # deterministic split: the last val_frac of the rows (at least one row each side)
             n_val = min(max(1, int(len(train) * data["val_frac"])), len(train) - 1) if len(train) > 1 else 0
             train, val = train[: len(train) - n_val], train[len(train) - n_val :]
+            if not val and dist.is_main():
+                print(f"sft: {data['src']} has one row, all of it for training, so there is no validation; "
+                      "pass --val-data FILE for validation figures", file=sys.stderr)
 
     def val_batches(max_tokens):
         rows = val if max_tokens is None else val[: max(1, max_tokens // T)]
