@@ -245,3 +245,15 @@ def test_a_one_row_sft_file_trains_without_nan_figures(tmp_path, capsys):
     assert "has one row, all of it for training, so there is no validation" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_tokens"] == 0 and "val_loss" not in summary
+
+
+def test_a_run_stopped_while_finishing_resumes_to_its_summary(runs, tmp_path):
+    """Stopped after its last checkpoint but before summary.json: --resume has no step left to train,
+    and writes the summary from the figures the last checkpoint holds."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "add2", run)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()
+    assert main(["sft", "--out", str(run), "--resume", "--quiet"]) == 0
+    again = json.loads((run / "summary.json").read_text())
+    assert again["val_loss"] == summary["val_loss"] and again["task_accuracy"] == summary["task_accuracy"]

@@ -245,7 +245,7 @@ def resumed_config(cls, saved: dict, args, out, step: int):
     if cfg.steps < step or (cfg.steps == step and "steps" in given):
         raise UserError(f"--steps {cfg.steps}: {out} has already reached step {step}; pass a larger --steps "
                         "to train longer")
-    if cfg.steps == step:
+    if cfg.steps == step and (Path(out) / "summary.json").is_file():  # without it: stopped while finishing
         raise UserError(f"{out} is finished (step {step} of {cfg.steps}); pass --steps N above {step} to train "
                         "it longer")
     return cfg

@@ -196,6 +196,14 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, ckpt
 
 
+def saved_figures(run_dir) -> dict:
+    """The last evaluation the latest checkpoint of a run recorded (its state.json, less the state):
+    what a loop resumed with no step left returns (a run stopped after its last checkpoint)."""
+    state = read_json(find_checkpoint(Path(run_dir))[1] / "state.json")
+    skip = {"step", "elapsed", "world_size", "baseline", "format", "optimizer_param_groups"}
+    return {k: v for k, v in state.items() if k not in skip}
+
+
 def weights_fingerprint(ckpt_dir) -> str:
     """sha256 of a checkpoint's (or an hf:PATH directory's) weight files, names and bytes: what pins
     the reference model of an RL run's KL."""

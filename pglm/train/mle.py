@@ -32,7 +32,7 @@ from pglm.evaluate import evaluate_lm
 from pglm.models.policy import Policy
 from pglm.pg.logprobs import masked_mean_nll
 from pglm.rng import numpy_rng, seed_of
-from pglm.train.checkpoint import save_checkpoint
+from pglm.train.checkpoint import save_checkpoint, saved_figures
 from pglm.train.metrics import MetricsLog
 
 
@@ -259,6 +259,8 @@ def train_mle(
     what one process with W·grad_accum micro-batches trains on. Only rank 0 writes.
     """
     check_config(cfg)
+    if start_step >= cfg.steps:  # resumed with no step left: stopped after its last checkpoint
+        return saved_figures(run_dir)
     if not isinstance(dist.unwrap(model), Policy):
         model = Policy(model)
     policy = dist.unwrap(model)

@@ -44,7 +44,7 @@ from pglm.pg.presets import Preset, resolve
 from pglm.rewards.loader import call_reward
 from pglm.rng import numpy_rng, python_rng, torch_rng
 from pglm.sampling import complete, concat_generations
-from pglm.train.checkpoint import save_checkpoint
+from pglm.train.checkpoint import save_checkpoint, saved_figures
 from pglm.train.metrics import MetricsLog
 from pglm.train.mle import MAX_SEED, nonfinite_message, resolve_device, stop_on_ctrl_c
 
@@ -339,6 +339,8 @@ def train_rl(
     needs none: its reference is itself with the adapter switched off.
     """
     check_shapes(preset, cfg)
+    if start_step >= cfg.steps:  # resumed with no step left: stopped after its last checkpoint
+        return saved_figures(run_dir)
     recipe = resolve(preset, cfg.truncation, cfg.lr)  # the effective recipe: the preset as the flags change it
     wrapped = model if isinstance(dist.unwrap(model), Policy) else Policy(model, value_head)
     policy = dist.unwrap(wrapped)
