@@ -2,6 +2,9 @@
 
 from pglm.cli import main
 
+# A one-layer GPT small enough for a test to train in a second or two.
+TINY = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "8", "--quiet"]
+
 
 def error_line(capsys, argv):
     """Run argv; check it fails with exit 2 and exactly one stderr line, no traceback; return that line."""

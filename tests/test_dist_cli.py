@@ -16,12 +16,11 @@ import time
 
 import pytest
 import torch
-from helpers import error_line
+from helpers import TINY, error_line
 from safetensors.torch import load_file
 
 from pglm.cli import main
 
-TINY = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "8", "--quiet"]
 RL = ["--task", "add2", "--prompts-per-step", "6", "--group-size", "2", "--eval-every", "100", "--eval-samples", "0",
       "--eval-limit", "6", "--lr", "1e-3", "--device", "cpu", "--quiet"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

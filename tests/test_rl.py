@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from helpers import error_line
+from helpers import TINY, error_line
 
 import pglm.train.rl
 from pglm.cli import main
@@ -14,7 +14,6 @@ from pglm.errors import UserError
 from pglm.pg.presets import PRESETS
 from pglm.runs import load_run
 
-TINY = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "8", "--quiet"]
 RL = ["--steps", "3", "--prompts-per-step", "2", "--group-size", "4", "--eval-every", "3", "--eval-limit", "8",
       "--eval-samples", "2", "--quiet"]
 

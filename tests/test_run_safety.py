@@ -9,13 +9,12 @@ import shutil
 import signal
 
 import pytest
-from helpers import error_line
+from helpers import TINY, error_line
 from hf_models import make_hf_model
 
 from pglm.cli import main
 from pglm.train.rundir import RunDir
 
-TINY = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "8", "--quiet"]
 RL = ["--steps", "3", "--prompts-per-step", "2", "--group-size", "2", "--eval-every", "100", "--eval-samples", "0",
       "--ckpt-every", "1", "--quiet"]
 

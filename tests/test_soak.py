@@ -26,6 +26,13 @@ def weights(run):
     return load_file(str(run / "checkpoints" / latest / "model.safetensors"))
 
 
+def default_signals() -> None:
+    """In the child, SIGINT and SIGTERM as a shell would leave them: an ignored SIGINT is inherited
+    across exec, and a test run earlier in this pytest process may have left one ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def soak(argv: list[str], out, interruptions: int, rng: random.Random, log: list) -> None:
     """Run `argv --out out` until it has finished (summary.json written), stopping it `interruptions`
     times at random moments; after each stop the next start is `--resume` once a checkpoint exists,
@@ -37,7 +44,7 @@ def soak(argv: list[str], out, interruptions: int, rng: random.Random, log: list
         else:
             cmd = [*argv, "--out", str(out)]
         p = subprocess.Popen([sys.executable, "-m", "pglm", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, preexec_fn=default_signals)
         sig = None
         if done < interruptions:
             time.sleep(rng.uniform(0.5, 3.0))  # start-up (imports, set-up) takes about 2 s of it
