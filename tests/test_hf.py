@@ -252,3 +252,11 @@ def test_pglms_own_gpt2_forward_equals_transformers(hf_dirs, monkeypatch):
     fast, slow = both(lambda: generate(model, prompts, 8, eos_id=tok.eos_id, pad_id=tok.pad_id, group_size=3,
                                        generator=torch.Generator().manual_seed(1)))
     assert torch.equal(fast.tokens, slow.tokens) and torch.allclose(fast.logprobs, slow.logprobs, atol=1e-5)
+
+
+def test_sft_on_a_task_starts_from_an_hf_model(hf_dirs, tmp_path):
+    """--task with --model hf:PATH trains the HF model on the task (its tokenizer encodes add2's text)."""
+    out = tmp_path / "sft"
+    assert main(["sft", "--task", "add2", "--model", f"hf:{hf_dirs['llama']}", "--steps", "1", "--batch-size", "4",
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["arch"] == "hf"

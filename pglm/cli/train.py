@@ -215,14 +215,14 @@ def sft(args, out):
 
     def prepare(out):
         if task is not None:  # solved examples of a built-in task, over the task's own alphabet
-            model_config_from(args, vocab_size=1)
-            tokenizer = task.tokenizer()
-            model_cfg = model_config_from(args, tokenizer.vocab_size)
             model = None
-            if args.init or args.model.startswith("hf:"):
+            if args.init or args.model.startswith("hf:"):  # its tokenizer must then encode the task
                 init = load_init(args)
                 tokenizer, model, model_cfg = init.tokenizer, init.model, init.model.config
                 check_task_tokenizer(tokenizer, task, args.init or args.model)
+            else:
+                tokenizer = task.tokenizer()
+                model_cfg = model_config_from(args, tokenizer.vocab_size)
         elif args.init or args.model.startswith("hf:"):
             init = load_init(args)
             tokenizer, model = init.tokenizer, init.model
