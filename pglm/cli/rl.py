@@ -54,7 +54,8 @@ def rl(args, out):
         from pglm.train.checkpoint import find_checkpoint
 
         _, ckpt = find_checkpoint(out)
-        cfg = resumed_config(RLConfig, config["rl"], args, out, int(read_json(ckpt / "state.json")["step"]))
+        state = read_json(ckpt / "state.json")  # read once: the step reached, baseline, elapsed time
+        cfg = resumed_config(RLConfig, config["rl"], args, out, int(state["step"]))
         source = config["source"]
     else:
         if not args.init:
@@ -121,7 +122,6 @@ def rl(args, out):
         if args.resume and value_head is not None:
             load_weights(value_head, init.ckpt_dir, "value_head")
         if args.resume:
-            state = read_json(init.ckpt_dir / "state.json")
             start = int(state["step"])
             if baseline is not None and "baseline" in state:
                 baseline.load_state_dict(state["baseline"])

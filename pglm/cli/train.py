@@ -55,15 +55,15 @@ def start_run(args, out, command: str, prepare):
         if config.get("command") != command:
             raise UserError(f"--resume: {out} is a '{config.get('command')}' run; resume it with pglm {config.get('command')}")
         _, ckpt = find_checkpoint(out)
-        reached = int(read_json(ckpt / "state.json")["step"])
+        state = read_json(ckpt / "state.json")  # read once: the step reached, elapsed time
+        reached = int(state["step"])
         saved_cfg = TrainConfig(**config["train"])
         train_cfg = resumed_config(TrainConfig, config["train"], args, out, reached)  # or one line saying why not
         config["train"] = asdict(train_cfg)
         device = dist.init(train_cfg.device, args.dist)
         loaded = load_run(out, trust_remote_code=args.trust_remote_code)
         tokenizer = loaded.tokenizer
-        state = read_json(loaded.ckpt_dir / "state.json")
-        start_step = int(state["step"])
+        start_step = reached
         model, optimizer = wrapped_and_optimizer(loaded.model, train_cfg, device)
         load_optimizer(optimizer, loaded.ckpt_dir, model)
         metrics = MetricsLog(out, resume_step=start_step, elapsed=state.get("elapsed", 0.0), tensorboard=train_cfg.tensorboard)

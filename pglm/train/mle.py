@@ -83,6 +83,13 @@ def check_config(cfg: TrainConfig) -> None:
     check_number("--beta1", cfg.beta1, 0, 1)
     check_number("--beta2", cfg.beta2, 0, 1)
     check_number("--grad-clip", cfg.grad_clip, 0, example="1.0 (0: off)")
+    check_run_settings(cfg)
+
+
+def check_run_settings(cfg) -> None:
+    """What TrainConfig and RLConfig share: seed, checkpoints kept and their format, device."""
+    from pglm.errors import check_number
+
     check_number("--seed", cfg.seed, 0, MAX_SEED, integer=True)
     check_number("--keep-checkpoints", cfg.keep_checkpoints, 0, integer=True, example="3 (0: keep all)")
     if cfg.ckpt_format not in ("full", "sharded"):

@@ -46,7 +46,7 @@ from pglm.rng import numpy_rng, python_rng, torch_rng
 from pglm.sampling import complete, concat_generations
 from pglm.train.checkpoint import save_checkpoint, saved_figures
 from pglm.train.metrics import MetricsLog
-from pglm.train.mle import MAX_SEED, nonfinite_message, resolve_device, stop_on_ctrl_c
+from pglm.train.mle import check_run_settings, nonfinite_message, stop_on_ctrl_c
 
 
 @dataclass
@@ -283,8 +283,6 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
                                                or cfg.rollout_batch_size % cfg.group_size):
         raise UserError(f"--rollout-batch-size {cfg.rollout_batch_size} must be a multiple of --group-size "
                         f"{cfg.group_size}: a group is generated together")
-    if cfg.ckpt_format not in ("full", "sharded"):
-        raise UserError(f"--ckpt-format must be full or sharded, not '{cfg.ckpt_format}'")
     resolve(p, cfg.truncation, cfg.lr)  # the flags that override the preset are valid
     check_number("--temperature", cfg.temperature, 0, 100, low_open=True, example="1.0")
     for name in ("eval_every", "ckpt_every", "warmup_steps"):
@@ -304,10 +302,8 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
     check_number("--vf-coef", cfg.vf_coef, 0)
     check_number("--vf-clip", cfg.vf_clip, 0, low_open=True)
     check_number("adam_eps", cfg.adam_eps, 0, low_open=True)
-    check_number("--seed", cfg.seed, 0, MAX_SEED, integer=True)
-    check_number("--keep-checkpoints", cfg.keep_checkpoints, 0, integer=True, example="3 (0: keep all)")
     check_number("--reward-timeout", cfg.reward_timeout, 0, example="300 (0: no limit)")
-    resolve_device(cfg.device)
+    check_run_settings(cfg)
 
 
 def train_rl(
