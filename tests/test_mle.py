@@ -9,7 +9,7 @@ import pglm.data
 from pglm.cli import main
 from pglm.data import Batch
 from pglm.pg.logprobs import masked_mean_nll, token_logprobs
-from pglm.train.mle import TrainConfig, lr_at
+from pglm.train.mle import TrainConfig, lr_at, warmup_cosine
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
@@ -80,6 +80,7 @@ def test_schedule_warmup_then_cosine():
     assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine: 0.1 + 0.9 / 2
     assert lr_at(110, cfg) == pytest.approx(0.1)
     assert TrainConfig(steps=50).warmup_steps == 5
+    assert [warmup_cosine(i, 4, 2.0, 2, 1.0) for i in range(4)] == [1.0, 2.0, 2.0, 2.0]  # min_frac 1: constant
 
 
 def test_batch_to_keeps_fields():

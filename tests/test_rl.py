@@ -230,3 +230,18 @@ def test_collapse_is_announced_once_and_not_for_a_healthy_run():
     assert "fell from 4.0 to 1.4 tokens" in said[5][0] and "fell from 0.06" in said[5][1]
     negative = CollapseWatch(window=2)  # a reward that starts at or below 0 has no "half of where it started"
     assert all(not negative.update(r, 4.0) for r in (-0.5, -0.4, -2.0, -3.0, -4.0))
+
+
+def test_the_rate_warms_up_then_decays_by_cosine_when_asked(init, tmp_path, capsys):
+    out = tmp_path / "decay"
+    assert main(["rl", "--init", str(init / "gpt"), "--task", "add2", "--lr", "1e-3", "--warmup-steps", "2",
+                 "--min-lr-frac", "0.5", "--out", str(out), *RL[:1], "5", *RL[2:]]) == 0
+    # steps 0..4 of 5: warm-up 1/2, 2/2; then the cosine over the 3 steps left, 0.5 + 0.5·(1 + cos(π·k/3))/2 for k = 0, 1, 2
+    assert [r["lr"] for r in rows(out, "rl")] == pytest.approx([5e-4, 1e-3, 1e-3, 8.75e-4, 6.25e-4])
+    constant = tmp_path / "constant"  # the default: constant after the warm-up
+    assert main(["rl", "--init", str(init / "gpt"), "--task", "add2", "--lr", "1e-3", "--warmup-steps", "2",
+                 "--out", str(constant), *RL]) == 0
+    assert [r["lr"] for r in rows(constant, "rl")] == pytest.approx([5e-4, 1e-3, 1e-3])
+    capsys.readouterr()
+    assert error_line(capsys, ["rl", "--init", str(init / "gpt"), "--task", "add2", "--min-lr-frac", "2",
+                                       "--out", str(tmp_path / "bad"), *RL]).startswith("pglm rl: error: --min-lr-frac must be")

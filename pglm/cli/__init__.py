@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-step", type=int, help=f"prompts per rollout (default {d.prompts_per_step})")
     p.add_argument("--lr", type=float, help="learning rate (default: the algorithm's, see docs/rl.md)")
     p.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps (default {d.warmup_steps})")
+    p.add_argument("--min-lr-frac", type=float, help="after the warm-up, cosine decay to lr × this at the last "
+                   "step (default 1: constant)")
     p.add_argument("--beta", type=float, help="KL coefficient to the initial model; 0 = no reference (default 0)")
     add_safety_flags(p)
     p.add_argument("--ref-offload", action="store_true", help="--dist fsdp2: keep the reference model's shards "

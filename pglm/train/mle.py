@@ -120,13 +120,19 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext
 
 
+def warmup_cosine(i: int, total: int, lr: float, warmup: int, min_frac: float) -> float:
+    """The rate of step i of `total`: linear warm-up to lr over `warmup` steps, then cosine decay to
+    lr × min_frac at step `total` (min_frac 1: constant after the warm-up)."""
+    if i < warmup:
+        return lr * (i + 1) / warmup
+    progress = (i - warmup) / max(1, total - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return lr * (min_frac + (1 - min_frac) * cosine)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to cfg.lr × min_lr_frac at cfg.steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * cosine)
+    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -46,7 +46,7 @@ from pglm.rng import numpy_rng, python_rng, torch_rng
 from pglm.sampling import complete, concat_generations
 from pglm.train.checkpoint import save_checkpoint, saved_figures
 from pglm.train.metrics import MetricsLog
-from pglm.train.mle import check_run_settings, nonfinite_message, stop_on_ctrl_c
+from pglm.train.mle import check_run_settings, nonfinite_message, stop_on_ctrl_c, warmup_cosine
 
 
 @dataclass
@@ -56,7 +56,8 @@ class RLConfig:
     prompts_per_step: int = 8  # distinct prompts per rollout
     group_size: int = 8  # samples per prompt (G)
     lr: float | None = None  # None → the preset's default
-    warmup_steps: int = 10  # linear warm-up, then constant (a fresh Adam on a trained model needs it)
+    warmup_steps: int = 10  # linear warm-up (a fresh Adam on a trained model needs it), then constant or decaying
+    min_lr_frac: float = 1.0  # cosine decay after the warm-up to lr × min_lr_frac at the last step; 1: constant
     beta: float = 0.0  # KL coefficient to the frozen initial model; 0 → no reference is loaded
     epochs: int = 1  # passes over each rollout (PPO-style reuse)
     minibatches: int = 1  # optimizer steps per pass
@@ -294,6 +295,7 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
         check_number("--eval-limit", cfg.eval_limit, 1, integer=True)
     if cfg.lr is not None:
         check_number("--lr", cfg.lr, 0, 1, low_open=True, example="1e-5")
+    check_number("--min-lr-frac", cfg.min_lr_frac, 0, 1, example="0.1 (1: constant)")
     check_number("--beta", cfg.beta, 0, example="0.04 (0: no KL)")
     check_number("the gradient clip", cfg.grad_clip, 0, low_open=True)
     check_number("--truncation-penalty", cfg.truncation_penalty)
@@ -422,7 +424,8 @@ def train_rl(
 
             # 4. Epochs × minibatches (one optimizer step each) × micro-batches (one backward each).
             for group in optimizer.param_groups:
-                group["lr"] = recipe.lr * min(1.0, (step - cfg.first_step + 1) / max(1, cfg.warmup_steps))
+                group["lr"] = warmup_cosine(step - cfg.first_step, cfg.steps - cfg.first_step, recipe.lr,
+                                            cfg.warmup_steps, cfg.min_lr_frac)
             try:
                 sums = update(wrapped, optimizer, params, ro, advantages, loss_mask, ref_logp, old_values, returns,
                               recipe, cfg, step, N, B, first_row, fused)
