@@ -86,6 +86,11 @@ def export_run_summary(path, out_dir, merge_lora: bool = False, overwrite: bool 
     except ImportError:
         raise UserError("pglm export needs transformers; pip install 'pglm[hf]'") from None
     run = load_run(path, trust_remote_code=trust_remote_code)
+    reward = run.config.get("command") == "reward"
+    if reward:  # the language model and its scalar head
+        from pglm.runs import load_reward_model
+
+        run = load_reward_model(path, trust_remote_code=trust_remote_code)
     arch = run.config["model"].get("arch")
     if arch == "lstm":
         raise UserError("an LSTM has no Hugging Face equivalent; export works for gpt models and hf:... models")
@@ -97,7 +102,9 @@ def export_run_summary(path, out_dir, merge_lora: bool = False, overwrite: bool 
     source = run.run_dir if run.run_dir is not None else Path(str(run.ckpt_dir).removeprefix("hf:"))
     out = _check_out(Path(out_dir), source, overwrite)
     with _written_in_place(out) as tmp:
-        if arch == "gpt":
+        if reward:
+            export_reward_run(run, tmp)
+        elif arch == "gpt":
             export_gpt_run(run, tmp)
         else:
             export_hf_run(run, tmp, merge_lora)
@@ -125,6 +132,40 @@ def export_hf_run(run, tmp_dir: Path, merge_lora: bool) -> None:
     tok = hf_tokenizer(run.tokenizer, model.config.block_size)
     tok.save_pretrained(tmp_dir)
     write_json(tmp_dir / "special_tokens_map.json", tok.special_tokens_map)
+
+
+def export_reward_run(run, tmp_dir: Path) -> None:
+    """Write a reward run as an `AutoModelForSequenceClassification` directory with one label: a gpt
+    body as LlamaForSequenceClassification, an hf: body as its own *ForSequenceClassification
+    (a LoRA adapter merged in). Both read the last token that is not <pad>, as pglm's RewardModel
+    reads the last real token, and their `score` is a linear map without bias, as pglm's head."""
+    from safetensors.torch import save_file
+
+    rm, tok = run.model, run.tokenizer
+    body, cfg = rm.model, rm.config
+    hf_tok = hf_tokenizer(tok, cfg.block_size)
+    head = rm.score.weight.detach().cpu().clone()  # (1, C)
+    if cfg.arch == "gpt":
+        tensors = {k: v for k, v in gpt_state_dict(body).items() if k != "lm_head.weight"}
+        config = llama_config(cfg, tok, tensors["model.embed_tokens.weight"].dtype)
+        config.architectures, config.num_labels, config.tie_word_embeddings = ["LlamaForSequenceClassification"], 1, False
+        config.save_pretrained(tmp_dir)
+        save_file({**tensors, "score.weight": head}, str(tmp_dir / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        import copy
+
+        from transformers import AutoModelForSequenceClassification
+
+        causal = copy.deepcopy(body.net).merge_and_unload() if body.is_lora else body.inner  # a copy: the run stays
+        config = copy.deepcopy(causal.config)
+        config.num_labels, config.pad_token_id = 1, tok.pad_id
+        config.architectures = None
+        classifier = AutoModelForSequenceClassification.from_config(config)
+        classifier.base_model.load_state_dict(causal.base_model.state_dict())
+        classifier.score.weight.data.copy_(head.to(classifier.score.weight.dtype))
+        classifier.save_pretrained(tmp_dir)
+    hf_tok.save_pretrained(tmp_dir)
+    write_json(tmp_dir / "special_tokens_map.json", hf_tok.special_tokens_map)
 
 
 # ---- the output directory: checked first, written aside, renamed into place ----

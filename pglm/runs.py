@@ -48,3 +48,18 @@ def load_run(path: str | Path, device="cpu", trust_remote_code: bool = False, bl
     load_weights(model, ckpt_dir)
     model.to(device).eval()
     return LoadedRun(run_dir, ckpt_dir, config, tokenizer, model)
+
+
+def load_reward_model(path: str | Path, device="cpu", trust_remote_code: bool = False) -> LoadedRun:
+    """The reward model of a `pglm reward` run (or of one of its checkpoints): its language model with
+    the scalar head of score.safetensors (`pglm.models.reward.RewardModel`), in eval mode."""
+    from pglm.models.reward import RewardModel
+
+    run = load_run(path, "cpu", trust_remote_code)
+    if run.config.get("command") != "reward":
+        raise UserError(f"{run.run_dir} is a '{run.config.get('command')}' run, not a reward model; train one with "
+                        "pglm reward --init RUN --data PREFS.jsonl")
+    rm = RewardModel(run.model)
+    load_weights(rm.score, run.ckpt_dir, "score")
+    rm.to(device).eval()
+    return LoadedRun(run.run_dir, run.ckpt_dir, run.config, run.tokenizer, rm)

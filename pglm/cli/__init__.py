@@ -1,6 +1,6 @@
 """The `pglm` command. Thin: each verb parses its flags and calls the library in recipe order.
 
-Verbs live by stage: train.py (prepare, pretrain, sft), rl.py (rl), apply.py (eval, generate, chat,
+Verbs live by stage: train.py (prepare, pretrain, sft), reward.py (reward), rl.py (rl), apply.py (eval, generate, chat,
 plot); flags.py holds the flag groups they share.
 
 Exit codes (docs/design.md): 0 success, 2 a user error (one line on stderr naming the problem and the
@@ -27,6 +27,7 @@ from pglm.cli.flags import (
     add_train_flags,
     given_flags,
 )
+from pglm.cli.reward import cmd_reward
 from pglm.cli.rl import cmd_rl
 from pglm.cli.train import cmd_prepare, cmd_pretrain, cmd_sft
 from pglm.errors import UserError
@@ -89,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_train_flags(p)
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("reward", help="train a reward model on preference pairs (Bradley-Terry)",
+                       description="Train a reward model: a language model with a scalar head, by maximum likelihood "
+                       "of preference pairs (-log sigmoid(r_chosen - r_rejected - margin)); docs/reward.md.")
+    data_flags(p, "PREFS.jsonl: rows with 'prompt', 'chosen', 'rejected' (text or chat messages), optional 'margin'")
+    p.add_argument("--init", help="the language model to start from: a run or checkpoint, or hf:PATH")
+    p.add_argument("--center-coef", type=float, default=0.0, help="weight of the centring term η (r_c + r_r)^2 "
+                   "(TRL's center_rewards_coefficient; default 0: off)")
+    add_hf_flags(p.add_argument_group("hf: models"))
+    add_train_flags(p)
+    p.set_defaults(func=cmd_reward, model="gpt", tokenizer=None, block_size=None)
 
     from pglm.pg.presets import PRESETS
     from pglm.train.rl import RLConfig
@@ -220,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         out = getattr(args, "out", None)
         if args.command == "demo":
             pass  # cmd_demo has said what was saved and how to go on
-        elif args.command in ("pretrain", "sft", "rl") and out and (Path(out) / "checkpoints" / "latest").is_file():
+        elif args.command in ("pretrain", "sft", "rl", "reward") and out and (Path(out) / "checkpoints" / "latest").is_file():
             latest = (Path(out) / "checkpoints" / "latest").read_text().strip()
             print(f"\ninterrupted: {out}/checkpoints/{latest} is saved; continue with: pglm {args.command} --out {out} --resume",
                   file=sys.stderr)
-        elif args.command in ("pretrain", "sft", "rl", "prepare") and out and not getattr(args, "resume", False):
+        elif args.command in ("pretrain", "sft", "rl", "reward", "prepare") and out and not getattr(args, "resume", False):
             print(f"\ninterrupted before the first checkpoint: nothing was kept in {out}; run the same command "
                   "again to start over", file=sys.stderr)
         else:

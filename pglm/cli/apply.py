@@ -50,6 +50,8 @@ def cmd_eval(args):
                                                              for k, v in result.items()))
         write_result(out_file, result)
         return
+    if _is_reward_run(args.ckpt):
+        return _eval_reward_model(args, device, out_file)
     run = load_run(args.ckpt, device, trust_remote_code=args.trust_remote_code)
     T, tok = run.model.config.block_size, run.tokenizer
     files = source_files(args.data)  # a missing file or empty glob is one clear line, here
@@ -74,6 +76,39 @@ def cmd_eval(args):
     else:
         print(f"{run.ckpt_dir} on {args.data}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
               f"val_token_acc {result['val_token_acc']:.3f}  ({result['val_tokens']:,} tokens)")
+    write_result(out_file, result)
+
+
+def _is_reward_run(ckpt: str) -> bool:
+    from pglm.train.checkpoint import find_checkpoint, read_json
+
+    if str(ckpt).startswith("hf:"):
+        return False
+    run_dir, _ = find_checkpoint(ckpt)
+    return read_json(run_dir / "config.json").get("command") == "reward"
+
+
+def _eval_reward_model(args, device, out_file) -> None:
+    """pglm eval of a reward run: pairwise accuracy, mean margin and loss on preference pairs."""
+    from pglm import dist
+    from pglm.models.policy import max_context
+    from pglm.runs import load_reward_model
+    from pglm.train.reward import evaluate_pairs, pair_batch, read_preferences
+
+    run = load_reward_model(args.ckpt, device, args.trust_remote_code)
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    pairs = read_preferences(args.data, run.tokenizer, max_context(run.model.model))
+    batches = [pair_batch(pairs[i : i + args.batch_size], run.tokenizer.pad_id) for i in range(0, len(pairs), args.batch_size)]
+    center = run.config.get("data", {}).get("center_coef", 0.0)
+    result = {"ckpt": str(run.ckpt_dir), "data": args.data, **evaluate_pairs(run.model, batches, device, center_coef=center)}
+    if not dist.is_main():
+        return
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{run.ckpt_dir} on {args.data}: pairwise accuracy {result['val_accuracy']:.3f}  mean margin "
+              f"{result['val_margin']:.3f}  loss {result['val_loss']:.4f}  ({result['val_pairs']:,} pairs)")
     write_result(out_file, result)
 
 

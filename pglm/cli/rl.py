@@ -77,7 +77,7 @@ def rl(args, out):
         reward_fn, draw_rows = task.reward, task_rows(task, cfg.seed, cfg.prompts_per_step)
         all_rows = task.heldout()  # the longest prompts a run will see, for the context check below
     else:
-        reward_fn = load_rewards(source["reward"], source["reward_weight"])
+        reward_fn = load_rewards(source["reward"], source["reward_weight"], device, args.trust_remote_code)
         all_rows = read_prompt_rows(source["prompts"])  # chat rows are rendered once the tokenizer is known
     N = cfg.max_new_tokens if cfg.max_new_tokens is not None else (task.max_new_tokens if task else None)
 
@@ -110,6 +110,13 @@ def rl(args, out):
         if context is not None and longest + N > context:
             raise UserError(f"prompts of {longest} tokens plus --max-new-tokens {N} exceed the model's context of "
                             f"{context}; lower --max-new-tokens")
+        for part in getattr(reward_fn, "parts", [reward_fn]):  # a reward model reads prompt and completion whole
+            if getattr(part, "context", None) is not None:
+                need = max(len(part.encode(r["prompt"], "")) for r in all_rows) + N  # its own tokens, and N new
+                if need > part.context:
+                    raise UserError(f"the reward model {part.__name__} reads at most {part.context} tokens, but the "
+                                    f"longest prompt with --max-new-tokens {N} takes {need}; lower --max-new-tokens, "
+                                    "or train the reward model with a longer context (--block-size)")
         value_head = ValueHead(model.config.d_model).to(device) if recipe.estimator.values else None
         baseline = MovingBaseline() if recipe.estimator.state else None
         # The KL's reference: a frozen copy of the initial model, loaded only when β > 0; a LoRA model

@@ -24,12 +24,13 @@ def cmd_prepare(args):
     print(f"wrote {out}: {info.n_train:,} training and {info.n_val:,} validation tokens, vocabulary {tokenizer.vocab_size:,}")
 
 
-def start_run(args, out, command: str, prepare):
+def start_run(args, out, command: str, prepare, trained=None):
     """Set up a new run in `out` (opened by `run_directory`), or resume it; returns (out, run_config,
     tokenizer, model, optimizer, start_step, metrics).
 
     `prepare(out)` builds a new run's tokenizer, data and model config: (tokenizer, data_info, ModelConfig).
-    `model` is the Policy the loop trains, wrapped by DDP or FSDP2 under torchrun (`pglm.dist.wrap`).
+    `model` is the module the loop trains, wrapped by DDP or FSDP2 under torchrun (`pglm.dist.wrap`):
+    the language model's Policy, or `trained(language_model)` (a RewardModel for `pglm reward`).
     With several processes rank 0 creates the run and the others then read it back: the run
     directory must be on a file system every node sees (docs/distributed.md).
     """
@@ -41,13 +42,17 @@ def start_run(args, out, command: str, prepare):
     from pglm.models.policy import POLICY_METHODS, Policy
     from pglm.runs import load_run
     from pglm.tokenizers import load_tokenizer
-    from pglm.train.checkpoint import find_checkpoint, load_optimizer, read_json, write_json
+    from pglm.train.checkpoint import find_checkpoint, load_optimizer, load_weights, read_json, write_json
     from pglm.train.metrics import MetricsLog
     from pglm.train.mle import TrainConfig, lr_at, make_optimizer
 
-    def wrapped_and_optimizer(model, train_cfg, device):
-        model.to(device).train()
-        wrapped = dist.wrap(Policy(model), args.dist, device, POLICY_METHODS)
+    def wrapped_and_optimizer(model, train_cfg, device, ckpt=None):
+        module = trained(model) if trained is not None else Policy(model)
+        for part in module.checkpoint_parts[1:]:  # what a resumed run saved beside the model (a reward head)
+            if ckpt is not None and getattr(module, part) is not None:
+                load_weights(getattr(module, part), ckpt, part)
+        module.to(device).train()
+        wrapped = dist.wrap(module, args.dist, device, POLICY_METHODS if trained is None else ())
         return wrapped, make_optimizer(wrapped, train_cfg)
 
     if args.resume:
@@ -64,7 +69,7 @@ def start_run(args, out, command: str, prepare):
         loaded = load_run(out, trust_remote_code=args.trust_remote_code)
         tokenizer = loaded.tokenizer
         start_step = reached
-        model, optimizer = wrapped_and_optimizer(loaded.model, train_cfg, device)
+        model, optimizer = wrapped_and_optimizer(loaded.model, train_cfg, device, loaded.ckpt_dir)
         load_optimizer(optimizer, loaded.ckpt_dir, model)
         metrics = MetricsLog(out, resume_step=start_step, elapsed=state.get("elapsed", 0.0), tensorboard=train_cfg.tensorboard)
         if dist.is_main():

@@ -43,6 +43,8 @@ def max_context(model) -> int | None:
 class Policy(nn.Module):
     """The language model and, with PPO, its value head."""
 
+    checkpoint_parts = ("model", "value_head")  # model.safetensors, value_head.safetensors (pglm.train.checkpoint)
+
     def __init__(self, model: nn.Module, value_head: nn.Module | None = None):
         super().__init__()
         self.model = model

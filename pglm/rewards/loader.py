@@ -4,6 +4,8 @@ A reward SPEC (`pglm rl --reward SPEC`) is one of
     module:function            an importable module (on sys.path / PYTHONPATH)
     path/to/file.py:function   a Python file, imported by path
     builtin:NAME               one of pglm.rewards.builtin.BUILTINS
+    rm:DIR                     a reward model's score (pglm.rewards.learned): a pglm reward run or a
+                               one-output Hugging Face sequence classifier
 The function part may be dotted (`module:Class.method`).
 
 `call_reward` is the only way the rest of pglm calls a reward: it checks what comes back and turns
@@ -34,8 +36,13 @@ RewardFn = Callable[..., list[float]]
 _FILE_PREFIX = "pglm_reward_"  # module names of reward files imported by path
 
 
-def load_reward(spec: str) -> RewardFn:
-    """The callable named by `spec` ("module:function", "path/to/file.py:function", "builtin:NAME")."""
+def load_reward(spec: str, device="cpu", trust_remote_code: bool = False) -> RewardFn:
+    """The callable named by `spec` ("module:function", "path/to/file.py:function", "builtin:NAME"), or
+    the score of the reward model at DIR ("rm:DIR", pglm.rewards.learned), run on `device`."""
+    if spec.startswith("rm:"):
+        from pglm.rewards.learned import reward_model
+
+        return reward_model(spec[3:], device, trust_remote_code=trust_remote_code)
     where, sep, attr = spec.rpartition(":")  # the last colon, so "C:\\dir\\r.py:f" works on Windows
     if not sep or not where:
         raise UserError(f"reward {spec!r} has no ':'; write module:function, path/to/file.py:function "
@@ -97,7 +104,8 @@ def _import_file(spec: str, where: str):
     return module
 
 
-def load_rewards(specs: list[str], weights: list[float] | None = None) -> RewardFn:
+def load_rewards(specs: list[str], weights: list[float] | None = None, device="cpu",
+                 trust_remote_code: bool = False) -> RewardFn:
     """One reward from several specs: their weighted sum (weights default to 1 each).
 
     A single spec with no weights comes back unwrapped, so its errors name it directly."""
@@ -105,7 +113,7 @@ def load_rewards(specs: list[str], weights: list[float] | None = None) -> Reward
         raise UserError("no reward given; pass --reward SPEC (or use --task NAME)")
     if weights is not None and len(weights) != len(specs):
         raise UserError(f"{len(specs)} rewards but {len(weights)} weights; give one weight per reward")
-    fns = [load_reward(s) for s in specs]
+    fns = [load_reward(s, device, trust_remote_code) for s in specs]
     if len(fns) == 1 and weights is None:
         return fns[0]
     return combine(list(zip(fns, weights if weights is not None else [1.0] * len(fns))))
@@ -124,6 +132,7 @@ def combine(rewards: list[tuple[RewardFn, float]]) -> RewardFn:
                 total[i] += w * r
         return total
 
+    combined.parts = [fn for fn, _ in rewards]  # what `pglm rl` checks before it starts (a reward model's context)
     combined.__qualname__ = combined.__name__ = "combine(" + " + ".join(
         f"{w:g}*{reward_name(fn)}" for fn, w in rewards) + ")"
     return combined

@@ -71,7 +71,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
     """Write checkpoints/step_{step} atomically and point `latest` at it.
 
     `model` is a bare module, or a Policy (possibly wrapped by DDP/FSDP2), whose language model goes to
-    model.safetensors and whose value head, if any, to value_head.safetensors. `extra` maps a name to
+    model.safetensors and whose value head, if any, to value_head.safetensors (a RewardModel: its body
+    to model.safetensors, its head to score.safetensors; `checkpoint_parts` names them). `extra` maps a name to
     another module saved beside a bare model as NAME.safetensors. The files hold the full state, keyed
     by parameter name, whatever the number of processes: every rank helps gather it (FSDP2 holds a
     shard each), rank 0 writes it, so a run saved at one world size resumes at any other. state.json
@@ -81,12 +82,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
     None elsewhere.
     """
     from pglm import dist
-    from pglm.models.policy import Policy
 
     if sharded:
         return _save_sharded(run_dir, step, model, optimizer, state, keep)
     inner = dist.unwrap(model)
-    parts = {"model": inner.model, "value_head": inner.value_head} if isinstance(inner, Policy) else {"model": inner}
+    named = getattr(inner, "checkpoint_parts", ())  # a Policy or a RewardModel: one file per part
+    parts = {n: getattr(inner, n) for n in named} if named else {"model": inner}
     parts.update(extra or {})
     full = dist.full_model_state(model)  # collectives first, on every rank
     opt_state = dist.full_optimizer_state(model, optimizer) if optimizer is not None else None
@@ -102,8 +103,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer=None, state: dict
     for part, module in parts.items():
         if module is None:
             continue
-        prefix = f"{part}." if isinstance(inner, Policy) else ""
-        tensors = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)} if part in ("model", "value_head") \
+        prefix = f"{part}." if named else ""
+        tensors = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)} if part in (named or ("model",)) \
             else {k: v.detach().cpu() for k, v in module.state_dict().items()}
         save_file(_without_aliases(tensors, module), str(tmp / f"{part}.safetensors"), metadata={"format": "pt"})
     if opt_state is not None:

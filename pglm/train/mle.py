@@ -256,6 +256,8 @@ def train_mle(
     progress: bool = True,
     evaluator: Callable[[torch.nn.Module], dict] | None = None,
     stop_when: Callable[[int, dict], bool] | None = None,
+    step_fn: Callable = mle_step,
+    validate: Callable = evaluate_lm,
 ) -> dict:
     """Train from `start_step` to `cfg.steps`; returns the final validation figures.
 
@@ -266,6 +268,10 @@ def train_mle(
     gradient is not finite is not applied: the run stops there (UserError naming the step; the last
     checkpoint stays), or with cfg.skip_nonfinite goes on, counting such steps in metrics.
 
+    `step_fn` and `validate` are the step and the validation (`mle_step`, `evaluate_lm`); a reward
+    model trains by maximum likelihood of preference labels in this same loop, with its own
+    (`pglm.train.reward`).
+
     `model` is a bare language model, a Policy, or (several processes) the wrapper of one made by
     `pglm.dist.wrap` before the optimizer. Each rank takes cfg.grad_accum micro-batches of the step,
     rank r the global ones r·grad_accum … (r + 1)·grad_accum − 1, so a world of W ranks trains on
@@ -274,7 +280,7 @@ def train_mle(
     check_config(cfg)
     if start_step >= cfg.steps:  # resumed with no step left: stopped after its last checkpoint
         return saved_figures(run_dir)
-    if not isinstance(dist.unwrap(model), Policy):
+    if hasattr(dist.unwrap(model), "lm_head"):  # a bare language model: scored through its Policy
         model = Policy(model)
     policy = dist.unwrap(model)
     device = next(model.parameters()).device
@@ -302,7 +308,7 @@ def train_mle(
             micro = [get_batch(step_rng(cfg.seed, step, j)).to(device) for j in ids]
             # dropout noise of each micro-batch: reproducible on resume, and the same at any world size
             dropout_seeds = [seed_of(cfg.seed, step, "dropout", j) for j in ids]
-            loss, grad_norm = mle_step(model, optimizer, micro, cfg.grad_clip, autocast, dropout_seeds)
+            loss, grad_norm = step_fn(model, optimizer, micro, cfg.grad_clip, autocast, dropout_seeds)
             step += 1
             if not bool(torch.isfinite(grad_norm)):  # the step was not applied (mle_step)
                 skipped += 1
@@ -322,7 +328,7 @@ def train_mle(
             bar.update(1)
 
             if step % cfg.eval_every == 0 or step == total:
-                last_eval = evaluate_lm(policy, val_batches(None if step == total else cfg.eval_tokens), device, autocast)
+                last_eval = validate(policy, val_batches(None if step == total else cfg.eval_tokens), device, autocast)
                 if evaluator is not None:
                     last_eval.update(evaluator(policy.model if dist.world_size() == 1 else policy))
                 metrics.log(step, "eval", **last_eval)
