@@ -4,9 +4,9 @@ The whole chain on add2 with a flawed teacher: on most problems with a carry fro
 the teacher forgets the carry ("37+45=72"), one fixed answer per problem; everything else it gets
 right (setting measured in docs/design.md, "The flawed teacher").
 
- 1. Maximum likelihood on the teacher's solved problems, until the model does what the teacher does
-    right: greedy accuracy ≥ 0.95 on no-carry problems set aside from the training pairs (a signal
-    that never looks at the 500 held-out problems the demo reports on).
+ 1. Maximum likelihood on the teacher's solved problems, for at least 1,500 steps and until the model
+    does what the teacher does right: greedy accuracy ≥ 0.95 on no-carry problems set aside from the
+    training pairs (a signal that never looks at the 500 held-out problems the demo reports on).
  2. Policy gradient from there, with the true reward (1 for the exact sum) and never a solution.
  3. The honest comparison: maximum likelihood alone, continued from the same point on the same
     teacher data, for at least as long as phase 2 took (its wall time is recorded beside it).
@@ -48,22 +48,25 @@ class DemoConfig:
     flaw_rate: float = 0.7  # share of carry problems whose teacher answer drops the carry
     seed: int = 0  # seeds data, initialisation and sampling
     quick: bool = False  # a smaller, shorter chain for tests and CI
+    mle_min_steps: int = 1500  # phase 1 runs at least this long (docs/demo.md: an early stop left a weak start)
     mle_max_steps: int = 2000  # phase 1 ends at the signal, or here
     mle_batch: int = 64  # solved problems per maximum-likelihood step
     mle_lr: float = 1e-3  # constant, no weight decay: a flatter start for policy gradient (docs/rl.md)
     signal_every: int = 50  # steps between checks of the stopping signal
     signal_threshold: float = 0.95  # no-carry greedy accuracy that ends phase 1
-    rl_steps: int = 400  # phase 2 steps
-    rl_lr: float = 1e-4  # with a 50-step warm-up (docs/design.md: learned steadily; 3e-4 without warm-up collapsed)
+    rl_steps: int = 500  # phase 2 steps
+    rl_lr: float = 2e-4  # peak, after a 50-step warm-up (docs/design.md: 3e-4 without warm-up collapsed) ...
     rl_warmup: int = 50
+    rl_min_lr_frac: float = 0.1  # ... then a cosine down to 2e-5, which settles the accuracy at the end (docs/demo.md)
     prompts_per_step: int = 16
     group_size: int = 8
     eval_every: int = 50  # steps between held-out evaluations in phases 2 and 3
-    mle_only_steps_per_rl_step: int = 3  # phase 3 budget; a maximum-likelihood step is cheaper (docs/demo.md)
+    passk_samples: int = 8  # samples per held-out problem for the final pass@k
+    mle_only_steps_per_rl_step: int = 2  # phase 3 budget; a maximum-likelihood step is cheaper (docs/demo.md)
 
     def __post_init__(self):
         if self.quick:  # the same chain, cut short: phase 1 ends at 800 steps at the latest
-            self.mle_max_steps, self.signal_every, self.signal_threshold = 800, 100, 0.9
+            self.mle_min_steps, self.mle_max_steps, self.signal_every, self.signal_threshold = 0, 800, 100, 0.9
             self.rl_steps, self.eval_every = 100, 50
 
 
@@ -146,7 +149,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     train_mle(model, make_optimizer(model, mle_cfg), mle_cfg, get_batch, lambda n: [sft_batch(val, tok.pad_id)], out,
               metrics=metrics, progress=progress, evaluator=signal,
-              stop_when=lambda step, ev: ev["signal_no_carry_accuracy"] >= cfg.signal_threshold)
+              stop_when=lambda step, ev: step >= cfg.mle_min_steps and ev["signal_no_carry_accuracy"] >= cfg.signal_threshold)
     t_mle = time.perf_counter() - t0
     k = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
     after_mle = carry_report(model, tok, heldout)
@@ -155,7 +158,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     # Phase 2: policy gradient with the true reward.
     preset = get_preset(cfg.algo)
     rl_cfg = RLConfig(algo=cfg.algo, steps=k + cfg.rl_steps, prompts_per_step=cfg.prompts_per_step,
-                      group_size=cfg.group_size, lr=cfg.rl_lr, warmup_steps=cfg.rl_warmup,
+                      group_size=cfg.group_size, lr=cfg.rl_lr, warmup_steps=cfg.rl_warmup, min_lr_frac=cfg.rl_min_lr_frac,
                       eval_every=cfg.eval_every, ckpt_every=10**9, seed=cfg.seed, first_step=k)
     print(f"phase 2: {describe(preset, 0.0, cfg.group_size, task.max_new_tokens)}")
     t0 = time.perf_counter()
@@ -164,7 +167,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
              make_rl_optimizer(model, None, cfg.rl_lr, rl_cfg), start_step=k, metrics=metrics, progress=progress)
     t_rl = time.perf_counter() - t0
     after_rl = carry_report(model, tok, heldout)
-    passk_rl = evaluate_task(model, tok, task, samples=8, seed=cfg.seed)
+    passk_rl = evaluate_task(model, tok, task, samples=cfg.passk_samples, seed=cfg.seed)
 
     # Phase 3: maximum likelihood alone, from the same point, for at least phase 2's time.
     print("phase 3 (the comparison): maximum likelihood alone, continued on the teacher's solutions")
@@ -182,7 +185,7 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
               evaluator=lambda m: carry_report(m, tok, heldout))
     t_only = time.perf_counter() - t0
     after_only = carry_report(mle_model, tok, heldout)
-    passk_mle = evaluate_task(mle_model, tok, task, samples=8, seed=cfg.seed)
+    passk_mle = evaluate_task(mle_model, tok, task, samples=cfg.passk_samples, seed=cfg.seed)
 
     examples = []
     carry_rows = [r for r in heldout if has_carry(*parse_prompt(r["prompt"]))][:6]

@@ -33,7 +33,7 @@ def test_quick_demo_contract_and_gain(tmp_path, capsys):
 
 def tiny(**kw):
     return DemoConfig(mle_max_steps=40, signal_every=20, signal_threshold=2.0, rl_steps=4, eval_every=2,
-                      prompts_per_step=2, group_size=4, mle_only_steps_per_rl_step=2, **kw)
+                      prompts_per_step=2, group_size=4, mle_only_steps_per_rl_step=2, passk_samples=2, **kw)
 
 
 def test_same_seed_same_metrics(tmp_path):
