@@ -43,16 +43,19 @@ def plot_run(run_dir) -> list[Path]:
 
     steps, loss = _series(rows, "mle", "loss")
     vsteps, vloss = _series(rows, "eval", "val_loss")
+    pairs = any("val_accuracy" in r for r in rows)  # a reward model: its loss is per pair
     if steps or vsteps:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         ax1.plot(steps, loss, label="training loss", lw=1)
         ax1.plot(vsteps, vloss, "o-", label="validation loss", lw=1.5)
-        ax1.set(xlabel="optimizer step", ylabel="loss (nats per token)", title="Maximum likelihood")
+        ax1.set(xlabel="optimizer step", ylabel=f"loss (nats per {'pair' if pairs else 'token'})",
+                title="Maximum likelihood")
         ax1.grid(alpha=0.3)
         ax1.legend()
-        asteps, acc = _series(rows, "eval", "val_token_acc")
+        asteps, acc = _series(rows, "eval", "val_accuracy" if pairs else "val_token_acc")
         ax2.plot(asteps, acc, "o-", color="tab:green")
-        ax2.set(xlabel="optimizer step", ylabel="next-token accuracy", title="Validation next-token accuracy")
+        what = "pairwise accuracy (chosen scored higher)" if pairs else "next-token accuracy"
+        ax2.set(xlabel="optimizer step", ylabel=what, title=f"Validation {what}")
         ax2.grid(alpha=0.3)
         fig.suptitle(run_dir.name)
         written.append(_save(plt, fig, out_dir / "loss.png"))

@@ -61,10 +61,11 @@ def test_lstm_policy_and_prompt_file_with_user_reward(init, tmp_path):
     assert all(r["reward_mean"] > 0 for r in rows(out, "rl"))  # 0.5 × length: the user's reward arrived
 
 
-def test_interrupt_then_resume_continues_the_same_trajectory(init, tmp_path, monkeypatch):
+@pytest.mark.parametrize("scaling", [[], ["--reward-norm", "--reward-clip", "1.5"]], ids=["raw", "normalised"])
+def test_interrupt_then_resume_continues_the_same_trajectory(init, tmp_path, monkeypatch, scaling):
     flags = ["rl", "--init", str(init / "gpt"), "--task", "add2", "--algo", "ppo", "--steps", "4",
              "--prompts-per-step", "2", "--group-size", "4", "--eval-every", "100", "--eval-samples", "0",
-             "--eval-limit", "4", "--minibatches", "2", "--epochs", "2", "--quiet"]
+             "--eval-limit", "4", "--minibatches", "2", "--epochs", "2", "--quiet", *scaling]
     assert main([*flags, "--out", str(tmp_path / "straight")]) == 0
     real = pglm.train.rl.collect_rollout
     calls = {"n": 0}
@@ -82,9 +83,29 @@ def test_interrupt_then_resume_continues_the_same_trajectory(init, tmp_path, mon
     assert main(["rl", "--out", str(tmp_path / "split"), "--resume", "--quiet"]) == 0
 
     def trajectory(run):
-        return [(r["step"], r["reward_mean"], r["loss"], r["grad_norm"]) for r in rows(run, "rl")]
+        return [(r["step"], r["reward_mean"], r["loss"], r["grad_norm"], r.get("reward_norm_std")) for r in rows(run, "rl")]
 
     assert trajectory(tmp_path / "split") == trajectory(tmp_path / "straight")
+    if scaling:  # logged, and the moments went on from where the checkpoint left them
+        last = rows(tmp_path / "split", "rl")[-1]
+        assert {"reward_norm_mean", "reward_norm_std", "reward_clip_frac"} <= last.keys()
+
+
+def test_running_moments_and_clipping_by_hand():
+    from pglm.pg.advantages import RunningMoments
+    from pglm.train.rl import scale_rewards
+
+    stats = RunningMoments()
+    first, n = scale_rewards(torch.tensor([1.0, 2.0, 3.0]), stats, 0.0)  # this batch included: mean 2, std 1
+    assert first.tolist() == pytest.approx([-1.0, 0.0, 1.0]) and int(n) == 0
+    second, _ = scale_rewards(torch.tensor([4.0, 5.0]), stats, 0.0)  # 1..5: mean 3, sample std √2.5
+    assert (stats.mean, stats.std, stats.count) == pytest.approx((3.0, 2.5 ** 0.5, 5))
+    assert second.tolist() == pytest.approx([1 / 2.5 ** 0.5, 2 / 2.5 ** 0.5])
+    clipped, n = scale_rewards(torch.tensor([-3.0, 0.5, 2.0]), None, 1.0)
+    assert clipped.tolist() == [-1.0, 0.5, 1.0] and int(n) == 2
+    again = RunningMoments()
+    again.load_state_dict(stats.state_dict())
+    assert again.normalize(torch.tensor([3.0])).item() == 0.0
 
 
 def test_zero_variance_warning(init, tmp_path, capsys):
@@ -238,6 +259,11 @@ def test_the_rate_warms_up_then_decays_by_cosine_when_asked(init, tmp_path, caps
                  "--min-lr-frac", "0.5", "--out", str(out), *RL[:1], "5", *RL[2:]]) == 0
     # steps 0..4 of 5: warm-up 1/2, 2/2; then the cosine over the 3 steps left, 0.5 + 0.5·(1 + cos(π·k/3))/2 for k = 0, 1, 2
     assert [r["lr"] for r in rows(out, "rl")] == pytest.approx([5e-4, 1e-3, 1e-3, 8.75e-4, 6.25e-4])
+    capsys.readouterr()
+    assert main(["rl", "--out", str(out), "--resume", "--steps", "7", "--quiet"]) == 0  # train for longer
+    # the cosine now spans the 5 steps after the warm-up: at step 5, 0.5 + 0.5·(1 + cos(3π/5))/2 = 0.6727
+    assert "the cosine decay now runs to step 7, so the learning rate at step 5 is 0.000673 (it was 0.0005)" \
+        in capsys.readouterr().err
     constant = tmp_path / "constant"  # the default: constant after the warm-up
     assert main(["rl", "--init", str(init / "gpt"), "--task", "add2", "--lr", "1e-3", "--warmup-steps", "2",
                  "--out", str(constant), *RL]) == 0

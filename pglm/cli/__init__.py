@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", action="append", help="with --prompts: module:function or path/to/file.py:function "
                    "(repeatable; builtin:exact_match, builtin:numeric_match, builtin:chrf, builtin:bleu)")
     p.add_argument("--reward-weight", action="append", type=float, help="weight of each --reward, in order")
+    p.add_argument("--reward-norm", action="store_true", help="normalise rewards by their running mean and "
+                   "standard deviation (off by default; for learned rewards, whose scale is arbitrary)")
+    p.add_argument("--reward-clip", type=float, help="clip rewards (after --reward-norm) to [-C, C] (default 0: off)")
     p.add_argument("--reward-timeout", type=float, help=f"seconds one reward call may take before the run stops "
                    f"with an error (default {d.reward_timeout:g}; 0: no limit)")
     p.add_argument("--algo", default=d.algo, help=f"{' | '.join(PRESETS)} (default {d.algo})")

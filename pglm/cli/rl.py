@@ -27,7 +27,7 @@ def rl(args, out):
     from pglm.cli.flags import apply_lora
     from pglm.data import read_prompt_rows, render_prompts
     from pglm.models.policy import POLICY_METHODS, Policy, max_context
-    from pglm.pg.advantages import MovingBaseline
+    from pglm.pg.advantages import MovingBaseline, RunningMoments
     from pglm.pg.presets import describe, get_preset, resolve
     from pglm.rewards.loader import load_rewards
     from pglm.runs import load_run
@@ -56,6 +56,14 @@ def rl(args, out):
         _, ckpt = find_checkpoint(out)
         state = read_json(ckpt / "state.json")  # read once: the step reached, baseline, elapsed time
         cfg = resumed_config(RLConfig, config["rl"], args, out, int(state["step"]))
+        saved = RLConfig(**config["rl"])
+        if cfg.steps != saved.steps and cfg.min_lr_frac < 1 and dist.is_main():  # the decay is stretched: say so
+            from pglm.train.mle import warmup_cosine
+
+            i, lr = int(state["step"]) - cfg.first_step, resolve(get_preset(cfg.algo), cfg.truncation, cfg.lr).lr
+            before, after = (warmup_cosine(i, c.steps - c.first_step, lr, c.warmup_steps, c.min_lr_frac) for c in (saved, cfg))
+            print(f"--steps {cfg.steps} (was {saved.steps}): the cosine decay now runs to step {cfg.steps}, so the "
+                  f"learning rate at step {state['step']} is {after:.3g} (it was {before:.3g})", file=sys.stderr)
         source = config["source"]
     else:
         if not args.init:
@@ -119,6 +127,7 @@ def rl(args, out):
                                     "or train the reward model with a longer context (--block-size)")
         value_head = ValueHead(model.config.d_model).to(device) if recipe.estimator.values else None
         baseline = MovingBaseline() if recipe.estimator.state else None
+        reward_stats = RunningMoments() if cfg.reward_norm else None
         # The KL's reference: a frozen copy of the initial model, loaded only when β > 0; a LoRA model
         # needs none (train_rl scores it with the adapter switched off).
         needs_ref = cfg.beta > 0 and not getattr(model, "is_lora", False)
@@ -132,6 +141,8 @@ def rl(args, out):
             start = int(state["step"])
             if baseline is not None and "baseline" in state:
                 baseline.load_state_dict(state["baseline"])
+            if reward_stats is not None and "reward_stats" in state:
+                reward_stats.load_state_dict(state["reward_stats"])
             if needs_ref:  # the initial model: the --init run loaded again, and checked to be the same
                 pinned = config.get("reference_sha256")
                 if pinned is not None and weights_fingerprint(config["init"]) != pinned:
@@ -182,5 +193,5 @@ def rl(args, out):
 
     final = train_rl(model, tokenizer, preset, cfg, draw_rows, reward_fn, evaluator, N, out, optimizer,
                      ref_model=ref_model, baseline=baseline, start_step=start, metrics=metrics,
-                     progress=not args.quiet)
+                     progress=not args.quiet, reward_stats=reward_stats)
     finish_run(out, {"train": {"steps": cfg.steps}, **config}, final, metrics, "rl")

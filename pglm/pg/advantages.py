@@ -62,6 +62,45 @@ class MovingBaseline:
         self.b = float(state["b"])
 
 
+class RunningMoments:
+    """Running mean and standard deviation of every reward seen, for `--reward-norm`.
+
+    r ↦ (r − μ) / σ with μ, σ over all batches so far, this one included (Chan et al.'s parallel
+    update of the moments; OpenRLHF's `RunningMoments` and its `normalize_reward`). A learned reward's
+    scale is arbitrary (its offset is free, its spread depends on training); normalising makes the
+    step size of a policy-gradient update independent of both. σ = 1 until two rewards are seen."""
+
+    def __init__(self, mean: float = 0.0, m2: float = 0.0, count: int = 0):
+        self.mean, self.m2, self.count = float(mean), float(m2), int(count)
+
+    def update(self, rewards: torch.Tensor, reduce=None) -> None:
+        """Fold a batch in; `reduce` sums a tensor over ranks (the whole step's batch)."""
+        x = rewards.detach().double()
+        sums = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum()])
+        sums = reduce(sums) if reduce is not None else sums
+        n, mean_b = int(sums[0]), float(sums[1] / sums[0])
+        sq = ((x - mean_b) ** 2).sum()  # the batch's own sum of squares about its mean
+        m2_b = float(reduce(sq) if reduce is not None else sq)
+        total = self.count + n
+        delta = mean_b - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2_b + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def normalize(self, rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        return (rewards - self.mean) / (self.std + eps)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "m2": self.m2, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.m2, self.count = float(state["mean"]), float(state["m2"]), int(state["count"])
+
+
 def rloo(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO: A_i = R_i − (1/(G−1)) Σ_{j≠i} R_j = G/(G−1)·(R_i − R̄) (Ahmadian et al. 2024, arXiv 2402.14740).
 

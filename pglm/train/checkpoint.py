@@ -201,7 +201,7 @@ def saved_figures(run_dir) -> dict:
     """The last evaluation the latest checkpoint of a run recorded (its state.json, less the state):
     what a loop resumed with no step left returns (a run stopped after its last checkpoint)."""
     state = read_json(find_checkpoint(Path(run_dir))[1] / "state.json")
-    skip = {"step", "elapsed", "world_size", "baseline", "format", "optimizer_param_groups"}
+    skip = {"step", "elapsed", "world_size", "baseline", "reward_stats", "format", "optimizer_param_groups"}
     return {k: v for k, v in state.items() if k not in skip}
 
 

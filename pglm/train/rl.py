@@ -85,6 +85,8 @@ class RLConfig:
     skip_nonfinite: bool = False  # an optimizer step whose gradient is not finite is skipped (counted), not fatal
     keep_checkpoints: int = 0  # the newest K checkpoints stay, older ones are deleted; 0 keeps every one
     reward_timeout: float = 300.0  # seconds a reward call may take (one rollout chunk's batch); 0: no limit
+    reward_norm: bool = False  # rewards ↦ (r − μ)/σ, running over every reward seen (pglm.pg.advantages.RunningMoments)
+    reward_clip: float = 0.0  # rewards (after normalising) clipped to [−C, C]; 0: off
 
 
 class ValueHead(torch.nn.Module):
@@ -195,6 +197,20 @@ def collect_rollout(model, tokenizer, rows: list[dict], reward_fn, cfg: RLConfig
                    prompts_rep, completions, logp=g.logprobs if fused else None, entropy=g.entropy)
 
 
+def scale_rewards(rewards: torch.Tensor, stats: adv_fns.RunningMoments | None, clip: float):
+    """(rewards (B,) normalised by the running moments, when given, then clipped to [−clip, clip] when
+    clip > 0; how many were clipped, a 0-d tensor). The moments take in the whole step's rewards, all
+    ranks, before they normalise them, as OpenRLHF's `normalize_reward` does."""
+    if stats is not None:
+        stats.update(rewards, reduce=dist.all_sum)
+        rewards = stats.normalize(rewards)
+    n_clipped = torch.zeros((), device=rewards.device)
+    if clip > 0:
+        n_clipped = (rewards.abs() > clip).sum()
+        rewards = rewards.clamp(-clip, clip)
+    return rewards, n_clipped
+
+
 def shape_rewards(rewards: torch.Tensor, finished: torch.Tensor, mask: torch.Tensor, G: int, truncation: str,
                   penalty: float, drop_zero_std: bool):
     """Rewards and loss mask after the treatment of truncated responses and equal-reward groups.
@@ -296,6 +312,7 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
     if cfg.lr is not None:
         check_number("--lr", cfg.lr, 0, 1, low_open=True, example="1e-5")
     check_number("--min-lr-frac", cfg.min_lr_frac, 0, 1, example="0.1 (1: constant)")
+    check_number("--reward-clip", cfg.reward_clip, 0, example="5 (0: off)")
     check_number("--beta", cfg.beta, 0, example="0.04 (0: no KL)")
     check_number("the gradient clip", cfg.grad_clip, 0, low_open=True)
     check_number("--truncation-penalty", cfg.truncation_penalty)
@@ -325,6 +342,7 @@ def train_rl(
     start_step: int = 0,
     metrics: MetricsLog | None = None,
     progress: bool = True,
+    reward_stats: adv_fns.RunningMoments | None = None,
 ) -> dict:
     """Tune `model` from `start_step` to `cfg.steps`; returns the last evaluation, or {} without one.
 
@@ -334,7 +352,8 @@ def train_rl(
     the held-out figures (e.g. `evaluate_task`), asked at step 0 of a new run, every cfg.eval_every
     steps and at the end. Ctrl-C finishes the step, checkpoints and raises. `ref_model` is the frozen
     model of the KL (a copy of the initial one; under FSDP2 a Policy of it, wrapped); a LoRA model
-    needs none: its reference is itself with the adapter switched off.
+    needs none: its reference is itself with the adapter switched off. `reward_stats` are the running
+    moments of `cfg.reward_norm` (a resumed run's; new ones otherwise).
     """
     check_shapes(preset, cfg)
     if start_step >= cfg.steps:  # resumed with no step left: stopped after its last checkpoint
@@ -349,6 +368,8 @@ def train_rl(
     elif ref_model is not None and not isinstance(dist.unwrap(ref_model), Policy):
         ref_model = Policy(ref_model)  # scored by the same forward as the policy
     value_head = policy.value_head
+    if cfg.reward_norm and reward_stats is None:
+        reward_stats = adv_fns.RunningMoments()
     device = next(policy.parameters()).device
     metrics = metrics or MetricsLog(run_dir)
     W, G, N = dist.world_size(), cfg.group_size, max_new_tokens
@@ -372,6 +393,8 @@ def train_rl(
         state = {"elapsed": metrics.elapsed(), **last_eval}
         if baseline is not None:
             state["baseline"] = baseline.state_dict()
+        if cfg.reward_norm:
+            state["reward_stats"] = reward_stats.state_dict()
         save_checkpoint(run_dir, at, wrapped, optimizer, state, sharded=cfg.ckpt_format == "sharded",
                         keep=cfg.keep_checkpoints)
 
@@ -395,7 +418,8 @@ def train_rl(
             rows = draw_rows(step)[dist.rank() * P_local : (dist.rank() + 1) * P_local]
             ro = collect_rollout(evaluated, tokenizer, rows, reward_fn, cfg, N, step,
                                  first_prompt=dist.rank() * P_local, fused=fused, all_finished=all_finished)
-            rewards, loss_mask, zero_std = shape_rewards(ro.rewards, ro.finished, ro.mask, G, recipe.truncation,
+            scaled, n_clipped = scale_rewards(ro.rewards, reward_stats if cfg.reward_norm else None, cfg.reward_clip)
+            rewards, loss_mask, zero_std = shape_rewards(scaled, ro.finished, ro.mask, G, recipe.truncation,
                                                          cfg.truncation_penalty, recipe.drop_zero_std_groups)
 
             # 2. KL to the reference, in the reward (k1 of the sampler's log-probs) or later in the loss.
@@ -436,10 +460,10 @@ def train_rl(
             # 5. Log: every figure is over the whole step (all ranks), summed in one collective.
             local = torch.stack([
                 ro.rewards.sum(), (ro.rewards ** 2).sum(), ro.mask.sum(), zero_std.sum(), (~ro.finished).sum(),
-                kl_tok.sum(),
+                kl_tok.sum(), n_clipped,
             ]).to(torch.float64)
             totals = dist.all_sum(torch.cat([local, sums]))
-            (r_sum, r_sq, n_tok, n_zero, n_trunc, kl_sum), sums = totals[: len(local)].tolist(), totals[len(local) :]
+            (r_sum, r_sq, n_tok, n_zero, n_trunc, kl_sum, n_clip), sums = totals[: len(local)].tolist(), totals[len(local) :]
             n_updates = round(float(sums[UPDATES]) / W)
             # A step with nothing to learn from (every token masked) logs its loss statistics as null.
             row = dict.fromkeys(("loss", "grad_norm", "entropy", "clip_frac", "approx_kl"), float("nan"))
@@ -453,6 +477,10 @@ def train_rl(
                 response_len=n_tok / B, frac_zero_std_groups=n_zero / (B // G), frac_truncated=n_trunc / B,
                 samples_per_s=B / (time.perf_counter() - t0), lr=optimizer.param_groups[0]["lr"], updates=n_updates,
             )
+            if cfg.reward_norm:  # reward_mean stays the reward's own; these are what it was scaled by
+                row.update(reward_norm_mean=reward_stats.mean, reward_norm_std=reward_stats.std)
+            if cfg.reward_clip > 0:
+                row["reward_clip_frac"] = n_clip / B
             if sums[SKIPPED] > 0:
                 row["skipped_updates"] = round(float(sums[SKIPPED]) / W)
             if value_head is not None:
