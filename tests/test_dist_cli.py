@@ -286,3 +286,30 @@ def test_save_at_two_ranks_resume_at_one_and_three(init, tmp_path, mode, fmt):
             assert r.returncode == 0, r.stderr[-3000:]
         assert [row["reward_mean"] for row in rl_rows(out)] == [row["reward_mean"] for row in rl_rows(tmp_path / "straight")]
         assert max_rel_diff(state_of(out), state_of(tmp_path / "straight")) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_torchrun_reward_model_equals_one_process(init, tmp_path, mode):
+    """pglm reward at 2 ranks trains what one process with twice the accumulation trains: body and head."""
+    import random
+
+    rng = random.Random(0)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"{rng.randint(0, 99)}+{rng.randint(0, 9)}=",
+                                         "chosen": "7" * rng.randint(1, 3), "rejected": str(rng.randint(0, 6))}) + "\n"
+                             for _ in range(40)))
+    flags = ["reward", "--init", str(init), "--data", str(prefs), "--steps", "3", "--eval-every", "3", "--lr", "3e-3",
+             "--batch-size", "4", "--device", "cpu", "--quiet"]
+    assert main([*flags, "--grad-accum", "2", "--out", str(tmp_path / "one")]) == 0
+    r = torchrun(2, [*flags, "--dist", mode, "--out", str(tmp_path / "two")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert max_rel_diff(weights(tmp_path / "two"), weights(tmp_path / "one")) < 1e-5
+
+    def head(run):
+        return load_file(str(run / "checkpoints" / "step_3" / "score.safetensors"))
+
+    assert max_rel_diff(head(tmp_path / "two"), head(tmp_path / "one")) < 1e-5
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert two["val_pairs"] == one["val_pairs"] == 4
+    assert two["val_accuracy"] == pytest.approx(one["val_accuracy"]) and two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-4)
