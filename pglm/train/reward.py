@@ -142,7 +142,7 @@ def read_preferences(src: str, tokenizer, context: int | None) -> list[PairExamp
                             "shorten the texts or use a model with a longer context")
         raise UserError(f"{src} holds no pairs; add rows such as {{\"prompt\": \"2+2=\", \"chosen\": \"4\", "
                         "\"rejected\": \"5\"}")
-    if too_long or same:
+    if (too_long or same) and dist.is_main():
         print(f"reward: left out {too_long} pair(s) longer than the context of {context} tokens and {same} whose "
               f"two completions are the same; {len(examples)} remain", file=sys.stderr)
     return examples
