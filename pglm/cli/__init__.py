@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reward", help="train a reward model on preference pairs (Bradley-Terry)",
                        description="Train a reward model: a language model with a scalar head, by maximum likelihood "
                        "of preference pairs (-log sigmoid(r_chosen - r_rejected - margin)); docs/reward.md.")
-    data_flags(p, "PREFS.jsonl: rows with 'prompt', 'chosen', 'rejected' (text or chat messages), optional 'margin'")
+    p.add_argument("--data", help="PREFS.jsonl: rows with 'prompt', 'chosen', 'rejected' (text or chat messages), "
+                   "optional 'margin' (required unless --resume)")
+    p.add_argument("--val-data", help="held-out pairs (default: the last --val-frac of --data)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of pairs held out (default 0.1)")
     p.add_argument("--init", help="the language model to start from: a run or checkpoint, or hf:PATH")
     p.add_argument("--center-coef", type=float, default=0.0, help="weight of the centring term η (r_c + r_r)^2 "
                    "(TRL's center_rewards_coefficient; default 0: off)")
