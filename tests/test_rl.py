@@ -262,7 +262,7 @@ def test_the_rate_warms_up_then_decays_by_cosine_when_asked(init, tmp_path, caps
     capsys.readouterr()
     assert main(["rl", "--out", str(out), "--resume", "--steps", "7", "--quiet"]) == 0  # train for longer
     # the cosine now spans the 5 steps after the warm-up: at step 5, 0.5 + 0.5·(1 + cos(3π/5))/2 = 0.6727
-    assert "the cosine decay now runs to step 7, so the learning rate at step 5 is 0.000673 (it was 0.0005)" \
+    assert "the cosine schedule now runs to step 7, so the learning rate at step 5 is 0.000673 (it was 0.0005)" \
         in capsys.readouterr().err
     constant = tmp_path / "constant"  # the default: constant after the warm-up
     assert main(["rl", "--init", str(init / "gpt"), "--task", "add2", "--lr", "1e-3", "--warmup-steps", "2",

@@ -44,11 +44,8 @@ def cmd_eval(args):
         check_task_tokenizer(run.tokenizer, task, args.ckpt)
         result = {"ckpt": str(run.ckpt_dir), "task": task.name,
                   **evaluate_task(run.model, run.tokenizer, task, samples=args.samples, temperature=args.temperature)}
-        if not dist.is_main():
-            return
-        print(json.dumps(result) if args.json else "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                                             for k, v in result.items()))
-        write_result(out_file, result)
+        report(args, out_file, result, "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in result.items()))
         return
     if _is_reward_run(args.ckpt):
         return _eval_reward_model(args, device, out_file)
@@ -69,14 +66,8 @@ def cmd_eval(args):
             tokens = load_tokens(Path(tmp) / "eval.bin", __import__("numpy").dtype(token_dtype(tok.vocab_size)).name)
             result = evaluate_lm(run.model, sequential_windows(tokens, args.batch_size, T), device)
     result = {"ckpt": str(run.ckpt_dir), "data": args.data, **result}
-    if not dist.is_main():
-        return
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{run.ckpt_dir} on {args.data}: val_loss {result['val_loss']:.4f}  val_ppl {result['val_ppl']:.2f}  "
-              f"val_token_acc {result['val_token_acc']:.3f}  ({result['val_tokens']:,} tokens)")
-    write_result(out_file, result)
+    report(args, out_file, result, f"{run.ckpt_dir} on {args.data}: val_loss {result['val_loss']:.4f}  val_ppl "
+           f"{result['val_ppl']:.2f}  val_token_acc {result['val_token_acc']:.3f}  ({result['val_tokens']:,} tokens)")
 
 
 def _is_reward_run(ckpt: str) -> bool:
@@ -90,7 +81,6 @@ def _is_reward_run(ckpt: str) -> bool:
 
 def _eval_reward_model(args, device, out_file) -> None:
     """pglm eval of a reward run: pairwise accuracy, mean margin and loss on preference pairs."""
-    from pglm import dist
     from pglm.models.policy import max_context
     from pglm.runs import load_reward_model
     from pglm.train.reward import evaluate_pairs, pair_batch, read_preferences
@@ -102,13 +92,17 @@ def _eval_reward_model(args, device, out_file) -> None:
     batches = [pair_batch(pairs[i : i + args.batch_size], run.tokenizer.pad_id) for i in range(0, len(pairs), args.batch_size)]
     center = run.config.get("data", {}).get("center_coef", 0.0)
     result = {"ckpt": str(run.ckpt_dir), "data": args.data, **evaluate_pairs(run.model, batches, device, center_coef=center)}
+    report(args, out_file, result, f"{run.ckpt_dir} on {args.data}: pairwise accuracy {result['val_accuracy']:.3f}  "
+           f"mean margin {result['val_margin']:.3f}  loss {result['val_loss']:.4f}  ({result['val_pairs']:,} pairs)")
+
+
+def report(args, out_file: Path | None, result: dict, line: str) -> None:
+    """On rank 0: the figures as `line` (or one JSON object with --json), and in --out when given."""
+    from pglm import dist
+
     if not dist.is_main():
         return
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{run.ckpt_dir} on {args.data}: pairwise accuracy {result['val_accuracy']:.3f}  mean margin "
-              f"{result['val_margin']:.3f}  loss {result['val_loss']:.4f}  ({result['val_pairs']:,} pairs)")
+    print(json.dumps(result) if args.json else line)
     write_result(out_file, result)
 
 

@@ -58,12 +58,11 @@ def rl(args, out):
         cfg = resumed_config(RLConfig, config["rl"], args, out, int(state["step"]))
         saved = RLConfig(**config["rl"])
         if cfg.steps != saved.steps and cfg.min_lr_frac < 1 and dist.is_main():  # the decay is stretched: say so
-            from pglm.train.mle import warmup_cosine
+            from pglm.train.mle import stretched_schedule, warmup_cosine
 
             i, lr = int(state["step"]) - cfg.first_step, resolve(get_preset(cfg.algo), cfg.truncation, cfg.lr).lr
             before, after = (warmup_cosine(i, c.steps - c.first_step, lr, c.warmup_steps, c.min_lr_frac) for c in (saved, cfg))
-            print(f"--steps {cfg.steps} (was {saved.steps}): the cosine decay now runs to step {cfg.steps}, so the "
-                  f"learning rate at step {state['step']} is {after:.3g} (it was {before:.3g})", file=sys.stderr)
+            print(stretched_schedule(cfg.steps, saved.steps, int(state["step"]), before, after), file=sys.stderr)
         source = config["source"]
     else:
         if not args.init:

@@ -44,7 +44,7 @@ def start_run(args, out, command: str, prepare, trained=None):
     from pglm.tokenizers import load_tokenizer
     from pglm.train.checkpoint import find_checkpoint, load_optimizer, load_weights, read_json, write_json
     from pglm.train.metrics import MetricsLog
-    from pglm.train.mle import TrainConfig, lr_at, make_optimizer
+    from pglm.train.mle import TrainConfig, lr_at, make_optimizer, stretched_schedule
 
     def wrapped_and_optimizer(model, train_cfg, device, ckpt=None):
         module = trained(model) if trained is not None else Policy(model)
@@ -80,9 +80,7 @@ def start_run(args, out, command: str, prepare, trained=None):
                      if saved_world != dist.world_size() else ""), file=sys.stderr)
             if train_cfg.steps != saved_cfg.steps:  # the cosine schedule is stretched: say what that does
                 before, after = lr_at(reached, saved_cfg), lr_at(reached, train_cfg)
-                print(f"--steps {train_cfg.steps} (was {saved_cfg.steps}): the cosine schedule now runs to step "
-                      f"{train_cfg.steps}, so the learning rate at step {reached} is {after:.3g} (it was "
-                      f"{before:.3g})", file=sys.stderr)
+                print(stretched_schedule(train_cfg.steps, saved_cfg.steps, reached, before, after), file=sys.stderr)
         return out, config, tokenizer, model, optimizer, start_step, metrics
 
     if not args.data and not getattr(args, "task", None):

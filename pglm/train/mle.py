@@ -130,6 +130,12 @@ def warmup_cosine(i: int, total: int, lr: float, warmup: int, min_frac: float) -
     return lr * (min_frac + (1 - min_frac) * cosine)
 
 
+def stretched_schedule(steps: int, was: int, at: int, before: float, after: float) -> str:
+    """What a resume that changes --steps does to a decaying rate, in one line."""
+    return (f"--steps {steps} (was {was}): the cosine schedule now runs to step {steps}, so the learning rate at "
+            f"step {at} is {after:.3g} (it was {before:.3g})")
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to cfg.lr × min_lr_frac at cfg.steps."""
     return warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
@@ -234,14 +240,19 @@ def mle_step(model, optimizer, micro: list[Batch], grad_clip: float, autocast=co
             loss = masked_mean_nll(logp, b.mask, n_tokens)
             (loss * W if W > 1 else loss).backward()
         losses.append(loss.detach())
+    return torch.stack(losses).sum(), clip_and_step(scorer, optimizer, grad_clip)
+
+
+def clip_and_step(model, optimizer, grad_clip: float) -> torch.Tensor:
+    """Clip the global gradient norm, step unless it is not finite, clear the gradients; the norm (0-d)."""
     clip = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(scorer.parameters(), clip))
+    grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
     # A step whose gradient is not finite must not reach the weights (nor Adam's moments). The check
     # is one host sync per step; the norm is global, so every rank decides alike.
     if bool(torch.isfinite(grad_norm)):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).sum(), grad_norm
+    return grad_norm
 
 
 def train_mle(

@@ -153,6 +153,8 @@ def reward_step(model, optimizer, micro: list[PairBatch], grad_clip: float, auto
     """One optimizer step of the Bradley–Terry loss over this rank's micro-batches (as `mle_step`).
 
     Returns (loss, grad_norm) as 0-d tensors, unsynced; the loss is this rank's share."""
+    from pglm.train.mle import clip_and_step
+
     n_pairs = dist.all_sum(torch.tensor(float(sum(b.n_pairs for b in micro)), device=micro[0].x.device))
     W = dist.world_size()
     losses = []
@@ -166,12 +168,7 @@ def reward_step(model, optimizer, micro: list[PairBatch], grad_clip: float, auto
             loss = bradley_terry_loss(rc, rr, b.margin, center_coef, n_pairs)
             (loss * W if W > 1 else loss).backward()
         losses.append(loss.detach())
-    clip = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = dist.grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-    if bool(torch.isfinite(grad_norm)):  # as in mle_step: a non-finite step never reaches the weights
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).sum(), grad_norm
+    return torch.stack(losses).sum(), clip_and_step(model, optimizer, grad_clip)
 
 
 @torch.no_grad()
