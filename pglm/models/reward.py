@@ -14,6 +14,7 @@ whether it is trained on preference pairs (`pglm reward`) or scores a policy's c
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import torch
@@ -61,7 +62,21 @@ def pair_ids(tokenizer, prompt: str, completion: str) -> list[int]:
     Where the tokenizer's pad is its eos (GPT-2's, or Llama's without a pad), the eos is left off: a
     Hugging Face classifier skips every pad id when it looks for the last token, so that is the token
     it would read (and what TRL's reward models, trained with eos appended, read too)."""
-    return tokenizer.prompt_ids(prompt) + tokenizer.encode(completion) + end_ids(tokenizer)
+    return tokenizer.prompt_ids(prompt) + encode_text(tokenizer, completion) + end_ids(tokenizer)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a completion's text, in which the special tokens a policy generated are written out
+    ("<pad>", pglm.sampling.completion_text): those spellings become those tokens again, so a reward
+    model reads the tokens the policy sampled, and a preference file may hold such completions."""
+    specials = {tokenizer.decode([i], skip_special=False): i
+                for i in (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id) if i is not None}
+    specials.pop("", None)
+    if not specials or not any(t in text for t in specials):
+        return tokenizer.encode(text)
+    split = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
+    return [i for piece in split.split(text) if piece
+            for i in ([specials[piece]] if piece in specials else tokenizer.encode(piece))]
 
 
 def end_ids(tokenizer) -> list[int]:

@@ -16,7 +16,6 @@ Scoring runs in batches on the given device, with no gradient.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -54,25 +53,16 @@ def _read_config(root: Path) -> dict | None:
 
 def _pglm_reward_model(path, device, batch_size, trust_remote_code):
     from pglm.models.policy import max_context
-    from pglm.models.reward import end_ids
+    from pglm.models.reward import pair_ids
     from pglm.runs import load_reward_model
 
     run = load_reward_model(path, device, trust_remote_code)
     tok, rm = run.tokenizer, run.model
     context = max_context(rm.model)
-    # A completion's text keeps the special tokens the policy generated, written out ("<pad>",
-    # pglm.sampling.completion_text); with the reward model's tokenizer they become those tokens again.
-    specials = {tok.decode([i], skip_special=False): i for i in (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id)
-                if i is not None}
-    split = re.compile("(" + "|".join(re.escape(t) for t in specials if t) + ")")
-
-    def encode_text(text: str) -> list[int]:
-        return [i for piece in split.split(text) if piece
-                for i in ([specials[piece]] if piece in specials else tok.encode(piece))]
 
     def encode(prompt: str, completion: str) -> list[int]:
         try:
-            return tok.prompt_ids(prompt) + encode_text(completion) + end_ids(tok)
+            return pair_ids(tok, prompt, completion)
         except UserError as e:
             raise UserError(f"the reward model rm:{path} cannot read the text {completion[:40]!r} ({e}); use a reward "
                             "model whose tokenizer covers the policy's text (one trained from the policy's run)") from None
