@@ -10,6 +10,7 @@ import torch
 from helpers import error_line
 
 from pglm.cli import main
+from pglm.errors import UserError
 from pglm.models import GPT, LSTMLM, ModelConfig
 from pglm.models.reward import RewardModel, padded
 from pglm.train.reward import bradley_terry_loss
@@ -165,6 +166,28 @@ def test_a_reward_run_resumes_with_its_head(chain, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
+def test_a_sharded_reward_run_resumes_and_loads_as_the_full_one(chain, tmp_path):
+    """--ckpt-format sharded keeps the head beside the body: resumed and loaded (pglm eval, rm:), it is
+    the run that wrote full checkpoints, weight for weight."""
+    import shutil
+
+    from pglm.runs import load_reward_model
+
+    flags = ["reward", "--init", str(chain / "sft"), "--data", str(chain / "prefs.jsonl"), "--lr", "3e-3",
+             "--batch-size", "8", "--eval-every", "4", "--ckpt-every", "4", "--steps", "8", "--quiet"]
+    full, sharded = tmp_path / "full", tmp_path / "sharded"
+    assert main([*flags, "--out", str(full)]) == 0
+    assert main([*flags, "--ckpt-format", "sharded", "--out", str(sharded)]) == 0
+    assert (sharded / "checkpoints" / "step_8" / "sharded").is_dir()
+    assert not (sharded / "checkpoints" / "step_8" / "score.safetensors").exists()
+    shutil.rmtree(sharded / "checkpoints" / "step_8")  # as if stopped after its checkpoint at step 4
+    (sharded / "checkpoints" / "latest").write_text("step_4")
+    (sharded / "summary.json").unlink()
+    assert main(["reward", "--out", str(sharded), "--resume", "--quiet"]) == 0
+    a, b = (load_reward_model(run).model.state_dict() for run in (full, sharded))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_preference_data_and_reward_models_get_one_line(chain, tmp_path, capsys):
     base = ["reward", "--init", str(chain / "sft"), "--steps", "2", "--quiet"]
 
@@ -240,3 +263,21 @@ def test_an_hf_reward_run_exports_as_its_own_classifier_with_the_same_scores(tmp
     assert type(hf).__name__ == "LlamaForSequenceClassification"
     assert theirs.tolist() == pytest.approx(ours.tolist(), abs=1e-4)
     assert ours.std() > 1e-3
+
+
+def test_special_tokens_spelled_out_in_a_completion_read_as_those_tokens(chain, tmp_path):
+    """A policy's completion text writes a generated <pad> or <bos> out (pglm.sampling.completion_text);
+    a preference file holding such texts reads them back as those tokens, as the reward model scores them."""
+    from pglm.models.reward import encode_text, pair_ids
+    from pglm.runs import load_run
+    from pglm.train.reward import read_preferences
+
+    tok = load_run(chain / "sft").tokenizer
+    pad, bos = (tok.decode([i], skip_special=False) for i in (tok.pad_id, tok.bos_id))
+    assert encode_text(tok, f"4{pad}{bos}2") == tok.encode("4") + [tok.pad_id, tok.bos_id] + tok.encode("2")
+    assert pair_ids(tok, "2+2=", f"4{pad}") == tok.prompt_ids("2+2=") + tok.encode("4") + [tok.pad_id, tok.eos_id]
+    with pytest.raises(UserError):  # what reading the text without the specials did
+        tok.encode(f"4{pad}")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "2+2=", "chosen": "4", "rejected": f"4{pad}"}) + "\n")
+    [pair] = read_preferences(str(tmp_path / "p.jsonl"), tok, 16)
+    assert pair.rejected == pair_ids(tok, "2+2=", f"4{pad}")
