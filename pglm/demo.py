@@ -80,12 +80,15 @@ def teacher_answer(a: int, b: int, flaw_rate: float, seed: int) -> str:
 def carry_report(model, tokenizer, rows: list[dict]) -> dict:
     """Greedy accuracy overall, on carry and no-carry problems, and the share of carry answers that
     are exactly the teacher's mistake (a + b − 10)."""
-    prompts = [r["prompt"] for r in rows]
-    answers = _answers(model, tokenizer, rows)
+    return carry_figures(rows, _answers(model, tokenizer, rows))
+
+
+def carry_figures(rows: list[dict], answers: list[str]) -> dict:
+    """`carry_report` of given answers (stripped texts) to add2 rows."""
     carry = {"ok": 0, "n": 0, "mistake": 0}
     plain = {"ok": 0, "n": 0}
-    for p, ans in zip(prompts, answers):
-        a, b = parse_prompt(p)
+    for r, ans in zip(rows, answers):
+        a, b = parse_prompt(r["prompt"])
         ok = ans == str(a + b)
         if has_carry(a, b):
             carry["n"] += 1
@@ -102,56 +105,79 @@ def carry_report(model, tokenizer, rows: list[dict]) -> dict:
     }
 
 
-def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
-    task = get_task("add2")
-    tok = task.tokenizer()
-    heldout = task.heldout()
-    rng = random.Random(f"signal:{cfg.seed}")
-    signal_rows = [r for r in task.train_prompts(rng, 400) if not has_carry(*parse_prompt(r["prompt"]))][:200]
+class Teacher:
+    """The flawed teacher's solved problems as maximum-likelihood batches, each problem built once."""
 
-    solved: dict[str, object] = {}  # prompt -> the teacher's solved example, built once per problem
+    def __init__(self, tokenizer, flaw_rate: float, seed: int, batch_size: int):
+        self.tok, self.flaw_rate, self.seed, self.batch_size = tokenizer, flaw_rate, seed, batch_size
+        self.task = get_task("add2")
+        self.solved: dict[str, object] = {}  # prompt -> the teacher's solved example
 
-    def teacher_rows(rows):
+    def examples(self, rows: list[dict]) -> list:
         for r in rows:
-            if r["prompt"] not in solved:
-                answer = teacher_answer(*parse_prompt(r["prompt"]), cfg.flaw_rate, cfg.seed)
-                solved[r["prompt"]] = sft_example(tok, r["prompt"], answer, 16)
-        return [solved[r["prompt"]] for r in rows]
+            if r["prompt"] not in self.solved:
+                answer = teacher_answer(*parse_prompt(r["prompt"]), self.flaw_rate, self.seed)
+                self.solved[r["prompt"]] = sft_example(self.tok, r["prompt"], answer, 16)
+        return [self.solved[r["prompt"]] for r in rows]
 
+    def get_batch(self, rng):  # a train_mle batch: batch_size problems drawn from the training pairs
+        rows = self.task.train_prompts(random.Random(int(rng.integers(2**63))), self.batch_size)
+        return sft_batch(self.examples(rows), self.tok.pad_id)
+
+
+def start_demo(cfg, out: Path, command: str) -> tuple[torch.nn.Module, object, dict, MetricsLog]:
+    """The demo's model (GPT 2 × 128 or LSTM 1 × 256, seeded), tokenizer and config, written to `out`."""
+    tok = get_task("add2").tokenizer()
     torch.manual_seed(cfg.seed)
     size = dict(n_layer=2, d_model=128, n_head=4) if cfg.model == "gpt" else dict(n_layer=1, d_model=256)
     model = build_model(model_config(cfg.model, "tiny", vocab_size=tok.vocab_size, block_size=16, **size))
     tok.save(out / "tokenizer.json")
-    config = {"pglm_version": __version__, "command": "demo", "demo": asdict(cfg), "model": asdict(model.config),
+    config = {"pglm_version": __version__, "command": command, "demo": asdict(cfg), "model": asdict(model.config),
               "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size}, "n_params": count_params(model)}
     write_json(out / "config.json", config)
-    metrics = MetricsLog(out)
+    return model, tok, config, MetricsLog(out)
+
+
+def imitate_teacher(model, teacher: Teacher, out: Path, metrics: MetricsLog, *, seed: int, min_steps: int,
+                    max_steps: int, lr: float, signal_every: int, signal_threshold: float, progress: bool,
+                    heldout_every: int = 3) -> tuple[int, TrainConfig, list]:
+    """Phase 1: maximum likelihood on the teacher's solutions, for at least `min_steps` and until greedy
+    accuracy on 200 no-carry training problems (where the teacher is right) reaches the threshold, or
+    `max_steps`. Every `heldout_every`-th check also evaluates the held-out problems, for the curves.
+    Returns (the step it stopped at, its TrainConfig, the validation examples)."""
+    tok, heldout = teacher.tok, teacher.task.heldout()
+    rng = random.Random(f"signal:{seed}")
+    signal_rows = [r for r in teacher.task.train_prompts(rng, 400) if not has_carry(*parse_prompt(r["prompt"]))][:200]
+    mle_cfg = TrainConfig(steps=max_steps, batch_size=teacher.batch_size, lr=lr, min_lr_frac=1.0, warmup_steps=10,
+                          weight_decay=0.0, eval_every=signal_every, ckpt_every=10**9, log_every=10, seed=seed)
+    val = teacher.examples(signal_rows)
+    checks = iter(range(10**9))
+
+    def signal(m):  # the stopping signal; every few times also the held-out figures, for the curves only
+        figures = {"signal_no_carry_accuracy": carry_report(m, tok, signal_rows)["accuracy_no_carry"]}
+        return {**figures, **carry_report(m, tok, heldout)} if next(checks) % heldout_every == 0 else figures
+
+    train_mle(model, make_optimizer(model, mle_cfg), mle_cfg, teacher.get_batch, lambda n: [sft_batch(val, tok.pad_id)],
+              out, metrics=metrics, progress=progress, evaluator=signal,
+              stop_when=lambda step, ev: step >= min_steps and ev["signal_no_carry_accuracy"] >= signal_threshold)
+    k = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    return k, mle_cfg, val
+
+
+def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
+    task = get_task("add2")
+    heldout = task.heldout()
+    model, tok, config, metrics = start_demo(cfg, out, "demo")
+    teacher = Teacher(tok, cfg.flaw_rate, cfg.seed, cfg.mle_batch)
     print(f"demo: add2 with a teacher that drops the carry in {cfg.flaw_rate:.0%} of carry problems; "
           f"{cfg.model} with {config['n_params']:,} parameters → {out}")
 
-    # Phase 1: maximum likelihood on the teacher's solutions, until the no-carry signal.
-    mle_cfg = TrainConfig(steps=cfg.mle_max_steps, batch_size=cfg.mle_batch, lr=cfg.mle_lr, min_lr_frac=1.0,
-                          warmup_steps=10, weight_decay=0.0, eval_every=cfg.signal_every, ckpt_every=10**9,
-                          log_every=10, seed=cfg.seed)
-    val = teacher_rows(signal_rows)
-
-    def get_batch(rng):
-        rows = task.train_prompts(random.Random(int(rng.integers(2**63))), cfg.mle_batch)
-        return sft_batch(teacher_rows(rows), tok.pad_id)
-
-    checks = iter(range(10**9))
-
-    def signal(m):  # the stopping signal; every third time also the held-out figures, for the curves only
-        figures = {"signal_no_carry_accuracy": carry_report(m, tok, signal_rows)["accuracy_no_carry"]}
-        return {**figures, **carry_report(m, tok, heldout)} if next(checks) % 3 == 0 else figures
-
     print("phase 1: maximum likelihood on the teacher's solutions")
     t0 = time.perf_counter()
-    train_mle(model, make_optimizer(model, mle_cfg), mle_cfg, get_batch, lambda n: [sft_batch(val, tok.pad_id)], out,
-              metrics=metrics, progress=progress, evaluator=signal,
-              stop_when=lambda step, ev: step >= cfg.mle_min_steps and ev["signal_no_carry_accuracy"] >= cfg.signal_threshold)
+    k, mle_cfg, val = imitate_teacher(model, teacher, out, metrics, seed=cfg.seed, min_steps=cfg.mle_min_steps,
+                                      max_steps=cfg.mle_max_steps, lr=cfg.mle_lr, signal_every=cfg.signal_every,
+                                      signal_threshold=cfg.signal_threshold, progress=progress)
     t_mle = time.perf_counter() - t0
-    k = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
     after_mle = carry_report(model, tok, heldout)
     mle_model = copy.deepcopy(model)  # the starting point of both phase 2 and phase 3
 
@@ -180,7 +206,8 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
     only_metrics = MetricsLog(mle_only_dir, elapsed=metrics.elapsed() - t_rl)  # its clock starts where phase 2's did
     only_metrics.log(k, "eval", **after_mle)  # the branch point, shared with phase 2
     t0 = time.perf_counter()
-    train_mle(mle_model, make_optimizer(mle_model, only_cfg), only_cfg, get_batch, lambda n: [sft_batch(val, tok.pad_id)],
+    train_mle(mle_model, make_optimizer(mle_model, only_cfg), only_cfg, teacher.get_batch,
+              lambda n: [sft_batch(val, tok.pad_id)],
               mle_only_dir, start_step=k, metrics=only_metrics, progress=progress,
               evaluator=lambda m: carry_report(m, tok, heldout))
     t_only = time.perf_counter() - t0

@@ -89,6 +89,8 @@ def plot_run(run_dir) -> list[Path]:
         written.append(_save(plt, fig, out_dir / "rl.png"))
     if (run_dir / "mle_only" / "metrics.jsonl").is_file():
         written.append(_plot_demo(plt, run_dir, rows, read_metrics(run_dir / "mle_only" / "metrics.jsonl"), out_dir))
+    if (run_dir / "rl-kl" / "metrics.jsonl").is_file() and (run_dir / "rl-no-kl" / "metrics.jsonl").is_file():
+        written.append(_plot_rlhf(plt, run_dir, out_dir))
     return written
 
 
@@ -117,3 +119,31 @@ def _plot_demo(plt, run_dir: Path, rows, only_rows, out_dir: Path) -> Path:
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{run_dir.name}: the same teacher data, two ways to continue")
     return _save(plt, fig, out_dir / "demo.png", bbox_inches="tight")
+
+
+def _plot_rlhf(plt, run_dir: Path, out_dir: Path) -> Path:
+    """pglm demo --rlhf: along each policy-gradient run, the true accuracy and the reward model's score
+    (the proxy) of the same greedy answers, on one panel per run."""
+    import json
+
+    beta = json.loads((run_dir / "rl-kl" / "config.json").read_text(encoding="utf-8")).get("beta")
+    runs = [("rl-kl", f"with a KL penalty (β = {beta:g})" if beta else "with a KL penalty"), ("rl-no-kl", "without KL")]
+    fig, axes = plt.subplots(1, len(runs), figsize=(12, 4.2))
+    proxies = []
+    for name, _ in runs:
+        proxies += _series(read_metrics(run_dir / name / "metrics.jsonl"), "eval", "proxy")[1]
+    lo, hi = min(proxies), max(proxies)
+    for ax, (name, title) in zip(axes, runs):
+        rows = read_metrics(run_dir / name / "metrics.jsonl")
+        steps, acc = _series(rows, "eval", "accuracy")
+        ax.plot(steps, acc, "o-", ms=3, color="tab:green", label="true: greedy accuracy (left)")
+        ax.set(xlabel="policy-gradient step", ylabel="fraction of 500 held-out problems solved", ylim=(0, 1), title=title)
+        ax.grid(alpha=0.3)
+        twin = ax.twinx()
+        steps, proxy = _series(rows, "eval", "proxy")
+        twin.plot(steps, proxy, "s--", ms=3, color="tab:red", label="proxy: reward model's score (right)")
+        twin.set(ylabel="mean reward-model score", ylim=(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)))
+        lines = ax.get_lines()[:1] + twin.get_lines()[:1]
+        ax.legend(lines, [line.get_label() for line in lines], loc="lower left", fontsize=8)
+    fig.suptitle(f"{run_dir.name}: policy gradient against a learned reward, the proxy beside the truth")
+    return _save(plt, fig, out_dir / "rlhf.png", bbox_inches="tight")

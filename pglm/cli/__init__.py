@@ -47,14 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pglm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="VERB")
 
-    p = sub.add_parser("demo", help="the whole chain on add2: policy gradient goes beyond its teacher",
+    p = sub.add_parser("demo", help="the whole chain on add2: policy gradient goes beyond its teacher (--rlhf: from a learned reward)",
                        description="Maximum likelihood on solutions from a flawed teacher, then policy gradient with the "
-                       "true reward, against maximum likelihood alone; evaluated on 500 held-out problems.")
+                       "true reward, against maximum likelihood alone; evaluated on 500 held-out problems. With --rlhf: "
+                       "SFT, preference pairs from a noisy rater, a reward model, and policy gradient against it with "
+                       "and without KL, the true accuracy measured beside the reward model's score (docs/rlhf.md).")
+    p.add_argument("--rlhf", action="store_true", help="the RLHF chain: a learned reward model in place of the true reward")
     p.add_argument("--quick", action="store_true", help="a smaller, shorter chain (under a minute; for tests and CI)")
-    p.add_argument("--algo", default="grpo", help="policy-gradient preset for phase 2 (default grpo)")
+    p.add_argument("--algo", default=None, help="policy-gradient preset (default grpo; with --rlhf rloo)")
     p.add_argument("--model", default="gpt", help="gpt (2 layers × 128) or lstm (1 layer × 256)")
     p.add_argument("--flaw-rate", type=float, default=0.7, help="share of carry problems the teacher gets wrong (default 0.7)")
-    p.add_argument("--out", default="runs/demo", help="run directory to write (default runs/demo)")
+    p.add_argument("--rater-accuracy", type=float, default=0.8,
+                   help="with --rlhf: how often the rater prefers the better answer (default 0.8)")
+    p.add_argument("--out", default=None, help="run directory to write (default runs/demo; with --rlhf runs/demo-rlhf)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -114,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="the run or checkpoint to start from (its model and tokenizer), or hf:PATH")
     p.add_argument("--task", help="a built-in task: add2 | reverse | sort_digits")
     p.add_argument("--prompts", help="instead of --task: JSONL with a 'prompt' field; other fields reach the reward")
-    p.add_argument("--reward", action="append", help="with --prompts: module:function or path/to/file.py:function "
+    p.add_argument("--reward", action="append", help="module:function, path/to/file.py:function or rm:DIR; with --task "
+                   "it replaces the task's reward (the held-out evaluation stays the task's) "
                    "(repeatable; builtin:exact_match, builtin:numeric_match, builtin:chrf, builtin:bleu)")
     p.add_argument("--reward-weight", action="append", type=float, help="weight of each --reward, in order")
     p.add_argument("--reward-norm", action="store_true", help="normalise rewards by their running mean and "

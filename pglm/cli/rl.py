@@ -80,8 +80,10 @@ def rl(args, out):
 
     # What to learn from: a built-in task, or prompts and reward functions of the user's.
     task = get_task(source["task"]) if source["task"] else None
-    if task is not None:
+    if task is not None:  # its prompts and held-out evaluation; its reward, or the --reward given (a reward model)
         reward_fn, draw_rows = task.reward, task_rows(task, cfg.seed, cfg.prompts_per_step)
+        if source["reward"]:
+            reward_fn = load_rewards(source["reward"], source["reward_weight"], device, args.trust_remote_code)
         all_rows = task.heldout()  # the longest prompts a run will see, for the context check below
     else:
         reward_fn = load_rewards(source["reward"], source["reward_weight"], device, args.trust_remote_code)
