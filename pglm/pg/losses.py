@@ -53,7 +53,8 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
-                level: str = "token", agg: str = "token-mean", normalizer=None, l_max: int | None = None):
+                level: str = "token", agg: str = "token-mean", normalizer=None, l_max: int | None = None,
+                weights: torch.Tensor | None = None):
     """PPO-clip surrogate (Schulman et al. 2017), in the pieces cleanrl names; returns (loss, stats).
 
     logp, old_logp, mask (B, T); advantages (B,) per sequence (broadcast over tokens) or (B, T).
@@ -65,6 +66,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     level="sequence" (GSPO, arXiv 2507.18071, verl `compute_policy_loss_gspo`): s_i = exp(mean_t(ℓ − ℓ_old)),
       token form log s_it = sg[log s_i] + ℓ_it − sg[ℓ_it]: the value of s_i with the gradient of each
       token. The paper's objective is agg="seq-mean-token-mean"; token sums weight sequences by length.
+
+    `weights` (B, T), constants, multiply each token's loss before aggregation: the engine/trainer
+    importance weights of `pglm.pg.correction` (None: all 1).
 
     At θ = θ_old, r = 1 and the gradient is that of −A·ℓ, whatever the clip. No clamp on the
     log-ratio: clamps change gradients (pitfall 11).
@@ -103,6 +107,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         pg_loss = torch.where(adv < 0, torch.minimum(pg_loss, pg_loss3), pg_loss)
         stats["dual_clip_frac"] = _masked_mean(dual.to(m.dtype), m).detach()
 
+    if weights is not None:
+        pg_loss = pg_loss * weights.detach().to(pg_loss.dtype)
     loss = aggregate(pg_loss, mask, agg, normalizer, l_max)
     with torch.no_grad():
         r_tok = torch.exp(token_log_ratio)

@@ -1,0 +1,71 @@
+"""The engine/trainer mismatch correction: importance weights of the trainer's policy over the engine's.
+
+An inference engine samples with its own kernels (and often bf16), so the probability it gives a
+sampled token, π_engine, is not the trainer's, π_train, for the same weights; on-policy policy
+gradient computed as if the samples came from π_train is then silently off-policy (Yao, Liu et al.
+2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"). The unbiased fix is
+the importance ratio ρ = π_train / π_engine; capped, it trades a little bias for bounded variance:
+
+    token_tis   w_t = min(ρ_t, C)                        per token (truncated IS; TRL "token_truncate")
+    seq_mask    w_t = ρ_i if ρ_i ≤ C else 0 for all t    per sequence, ρ_i = Π_t ρ_t (masked IS; TRL's
+                                                         default "sequence_mask", OpenRLHF "seq-mask-tis")
+    none        w_t = 1
+
+The weights are constants (detached) that multiply each token's policy-gradient loss; the ratio the
+PPO clip sees stays π_θ / π_old with π_old the trainer's own scoring of the rollout (docs/rl.md).
+With no mismatch every ρ is 1 and every mode gives the uncorrected loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("none", "token_tis", "seq_mask")
+
+
+def mismatch_weights(train_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                     cap: float) -> tuple[torch.Tensor, dict]:
+    """(weights (B, N), stats) from the trainer's and the engine's log-probs of the sampled tokens.
+
+    train_logp, engine_logp, mask (B, N). Weights are detached and 0 where masked. stats (floats, over
+    the valid tokens): logp_diff_mean / logp_diff_max = mean / max of |log π_train − log π_engine|,
+    is_ratio_mean / is_ratio_max of the ratio the mode uses (per token or per sequence), and is_clip_frac,
+    the share of tokens (token_tis) or sequences (seq_mask) the cap changed."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if cap <= 1.0 and mode != "none":
+        raise ValueError(f"the cap must be > 1, not {cap}")
+    m = mask.to(train_logp.dtype)
+    log_ratio = ((train_logp - engine_logp) * m).detach()  # (B, N), 0 where masked
+    n_tok = m.sum().clamp(min=1)
+    diff = log_ratio.abs()
+    stats = {"logp_diff_mean": float(diff.sum() / n_tok), "logp_diff_max": float(diff.max()) if diff.numel() else 0.0}
+    if mode == "seq_mask":
+        seq_ratio = log_ratio.sum(1).exp()  # (B,)
+        kept = seq_ratio <= cap
+        weights = torch.where(kept, seq_ratio, torch.zeros_like(seq_ratio))[:, None] * m  # (B, N)
+        has_tokens = m.sum(1) > 0
+        n_seq = has_tokens.sum().clamp(min=1)
+        stats.update(is_ratio_mean=float(seq_ratio[has_tokens].sum() / n_seq),
+                     is_ratio_max=float(seq_ratio[has_tokens].max()) if bool(has_tokens.any()) else 1.0,
+                     is_clip_frac=float((~kept & has_tokens).sum() / n_seq))
+        return weights, stats
+    ratio = log_ratio.exp()  # (B, N), 1 where masked
+    weights = (ratio.clamp(max=cap) if mode == "token_tis" else torch.ones_like(ratio)) * m
+    stats.update(is_ratio_mean=float((ratio * m).sum() / n_tok),
+                 is_ratio_max=float(ratio[m.bool()].max()) if bool(m.any()) else 1.0,
+                 is_clip_frac=float(((ratio > cap) & m.bool()).sum() / n_tok) if mode == "token_tis" else 0.0)
+    return weights, stats
+
+
+def stale_weights(engine_probe: torch.Tensor, before: torch.Tensor, after: torch.Tensor, tol: float = 0.0) -> bool:
+    """Whether an engine still samples from the weights before the last update.
+
+    engine_probe: the engine's log-probs of a fixed probe sequence just after `sync_weights`; before /
+    after: the trainer's log-probs of the same tokens under the weights before and after the update.
+    Stale when the engine is closer to `before` than to `after`, and the update moved the probe by more
+    than `tol` (a step too small to tell apart says nothing)."""
+    moved = float((after - before).abs().mean())
+    if moved <= tol:
+        return False
+    return float((engine_probe - before).abs().mean()) < float((engine_probe - after).abs().mean())
