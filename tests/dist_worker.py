@@ -254,8 +254,10 @@ def mutated(name: str | None):
         real = rl._scored
         patch(rl, "_scored", lambda scorer, *a, **k: real(dist.unwrap(scorer), *a, **k))
     elif name == "rank_seeds":  # every rank seeds its groups from its own, local prompt numbers
-        real_u = rl.group_uniforms
-        patch(rl, "group_uniforms", lambda seed, step, first, n, G, N: real_u(seed, step, first - first, n, G, N))
+        from pglm import engines
+
+        real_u = engines.seed_uniforms
+        patch(engines, "seed_uniforms", lambda seeds, G, N: real_u([(s, t, i - seeds[0][2]) for s, t, i in seeds], G, N))
     elif name is not None:
         raise ValueError(name)
     try:

@@ -10,13 +10,17 @@ Every piece of the objective is a pure function of `pglm.pg`; which pieces, is t
 Decisions (docs/rl.md):
 - The model is in eval mode throughout (no dropout): dropout would make the on-policy ratio differ
   from 1 and the KL noisy (docs/estimators.md §2.8).
-- old log-probs are the sampler's own, which equal a rescoring of the same weights (tests/test_sampling.py).
+- old log-probs are the sampler's own, which equal a rescoring of the same weights (tests/test_sampling.py),
+  when the sampler is pglm's (`TorchEngine`). Another engine's differ: old log-probs then come from a
+  scoring pass of the trainer, and `cfg.rollout_correction` weights each token by the capped ratio of
+  the two (`pglm.pg.correction`); after each update the engine gets the new weights, and a probe says
+  when it still samples from the old ones.
 - With one update per rollout (and no value head, and a small enough vocabulary) the rollout keeps its
   graph and the loss differentiates the sampler's log-probs: no second forward pass (`fuses_scoring`).
 - Each minibatch is one optimizer step; its loss is normalised by the count of the whole minibatch
   over every micro-batch and rank (`minibatch_counts`), never by a piece's own (docs/distributed.md).
 - The prompts of a step, and the samples of each group, are functions of (seed, step, global prompt
-  index) only (`group_uniforms`), so one process and N ranks, one rollout batch or many, draw the same.
+  index) only (`pglm.engines.seed_uniforms`), so one process and N ranks, one rollout batch or many, draw the same.
 - The reward of a response cut at max_new_tokens (no eos) is kept, masked out of the loss, or
   lowered by `truncation_penalty`, per preset or flag.
 """
@@ -29,21 +33,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pglm import dist
+from pglm.engines import TorchEngine
 from pglm.errors import UserError, check_number
 from pglm.models.policy import AdapterOff, Policy
 from pglm.pg import advantages as adv_fns
+from pglm.pg.correction import mismatch_weights, stale_weights
 from pglm.pg.kl import kl_estimate
 from pglm.pg.logprobs import CHUNK_ELEMENTS, head_logprobs
 from pglm.pg.losses import aggregate, policy_loss, value_loss
 from pglm.pg.presets import Preset, resolve
 from pglm.rewards.loader import call_reward
 from pglm.rng import numpy_rng, python_rng, torch_rng
-from pglm.sampling import complete, concat_generations
+from pglm.sampling import completion_text, concat_generations
 from pglm.train.checkpoint import save_checkpoint, saved_figures
 from pglm.train.metrics import MetricsLog
 from pglm.train.mle import check_run_settings, nonfinite_message, stop_on_ctrl_c, warmup_cosine
@@ -87,6 +92,8 @@ class RLConfig:
     reward_timeout: float = 300.0  # seconds a reward call may take (one rollout chunk's batch); 0: no limit
     reward_norm: bool = False  # rewards ↦ (r − μ)/σ, running over every reward seen (pglm.pg.advantages.RunningMoments)
     reward_clip: float = 0.0  # rewards (after normalising) clipped to [−C, C]; 0: off
+    rollout_correction: str = "token_tis"  # with an engine other than pglm's: none | token_tis | seq_mask
+    rollout_correction_cap: float = 3.0  # C of min(π_train/π_engine, C) (TRL's vllm_importance_sampling_cap)
 
 
 class ValueHead(torch.nn.Module):
@@ -110,13 +117,14 @@ class Rollout:
     n_pad: torch.Tensor  # (B,)
     prompt_len: int  # P
     mask: torch.Tensor  # (B, N) bool: response tokens up to and including eos
-    old_logp: torch.Tensor  # (B, N) the sampler's log-probs at temperature τ (detached)
+    old_logp: torch.Tensor  # (B, N) the trainer's log-probs at temperature τ (detached): the sampler's, or a scoring pass
     rewards: torch.Tensor  # (B,) the reward functions' values
     finished: torch.Tensor  # (B,) bool: ended with eos (else truncated)
     prompts: list[str]  # (B) each prompt G times
     completions: list[str]  # (B)
     logp: torch.Tensor | None = None  # (B, N) the same log-probs with their graph (fused rollouts only)
     entropy: torch.Tensor | None = None  # (B, N) entropy of each sampled position's distribution (fused only)
+    engine_logp: torch.Tensor | None = None  # (B, N) an inexact engine's own log-probs of its samples
 
 
 FUSE_MAX_TOKENS = 6  # longest response a rollout keeps its graph for (measured crossover ≈ 8; see below)
@@ -153,35 +161,27 @@ def score(model, value_head, tokens, n_pad, prompt_len: int, temperature: float)
     return logp, h, values
 
 
-def group_uniforms(seed: int, step: int, first_prompt: int, n_prompts: int, G: int, N: int) -> torch.Tensor:
-    """(n_prompts · G, N) float64: the uniform every sample's token t is drawn with (inverse CDF).
-
-    Group i, the samples of global prompt first_prompt + i, takes its uniforms from its own generator,
-    seeded by (seed, step, global prompt index): whichever rank, rollout chunk or batch the group is
-    sampled in, it draws the same tokens."""
-    # numpy's generators, not torch's: a torch CPU generator keeps only 32 bits of its seed.
-    return torch.from_numpy(np.concatenate([numpy_rng(seed, step, "sample", first_prompt + i).random((G, N))
-                                            for i in range(n_prompts)]))
-
-
 def collect_rollout(model, tokenizer, rows: list[dict], reward_fn, cfg: RLConfig, max_new_tokens: int,
-                    step: int, first_prompt: int = 0, fused: bool = False, all_finished=None) -> Rollout:
-    """Sample G responses per prompt and score them with the reward.
+                    step: int, first_prompt: int = 0, fused: bool = False, all_finished=None, engine=None) -> Rollout:
+    """Sample G responses per prompt with `engine` (None: pglm's sampler on `model`) and score them with the reward.
 
     `rows` are this rank's prompts of the step, the first being the step's prompt number `first_prompt`;
     they are sampled cfg.rollout_batch_size sequences (whole groups) at a time. `fused` keeps the graph
-    of the sampled log-probs (see `fuses_scoring`). A reward that fails on any rank fails on all.
+    of the sampled log-probs (see `fuses_scoring`). A reward that fails on any rank fails on all. With
+    an engine that is not exact, old_logp is left for the caller's scoring pass (`engine_logp` holds
+    the engine's).
     """
+    engine = engine or TorchEngine(model, tokenizer.eos_id, tokenizer.pad_id, all_finished)
     G = cfg.group_size
     per_chunk = len(rows) if cfg.rollout_batch_size is None else max(1, cfg.rollout_batch_size // G)  # prompts
     gens, completions = [], []
     for c in range(0, len(rows), per_chunk):
-        chunk = [r["prompt"] for r in rows[c : c + per_chunk]]
-        u = group_uniforms(cfg.seed, step, first_prompt + c, len(chunk), G, max_new_tokens)
-        g, texts = complete(model, tokenizer, chunk, max_new_tokens, temperature=cfg.temperature, group_size=G,
-                            uniforms=u, grad=fused, with_entropy=fused, all_finished=all_finished)
+        chunk = [tokenizer.prompt_ids(r["prompt"]) for r in rows[c : c + per_chunk]]
+        seeds = [(cfg.seed, step, first_prompt + c + i) for i in range(len(chunk))]
+        g = engine.generate(chunk, G, max_new_tokens, cfg.temperature, seeds,
+                            **(dict(grad=fused, with_entropy=fused) if engine.exact else {}))
         gens.append(g)
-        completions += texts
+        completions += [completion_text(tokenizer, response) for response in g.all_response_ids()]
     g = concat_generations(gens, tokenizer.pad_id)
     prompts_rep = [r["prompt"] for r in rows for _ in range(G)]
     keys = dict.fromkeys(k for r in rows for k in r if k != "prompt")  # every field any row has, in order
@@ -194,7 +194,8 @@ def collect_rollout(model, tokenizer, rows: list[dict], reward_fn, cfg: RLConfig
     device = g.tokens.device
     return Rollout(g.tokens, g.n_pad, g.prompt_len, g.response_mask, g.logprobs.detach(),
                    torch.tensor(rewards, dtype=torch.float64, device=device).to(g.logprobs.dtype), g.finished,
-                   prompts_rep, completions, logp=g.logprobs if fused else None, entropy=g.entropy)
+                   prompts_rep, completions, logp=g.logprobs if fused else None, entropy=g.entropy,
+                   engine_logp=None if engine.exact else g.logprobs.detach())
 
 
 def scale_rewards(rewards: torch.Tensor, stats: adv_fns.RunningMoments | None, clip: float):
@@ -343,6 +344,7 @@ def train_rl(
     metrics: MetricsLog | None = None,
     progress: bool = True,
     reward_stats: adv_fns.RunningMoments | None = None,
+    engine=None,
 ) -> dict:
     """Tune `model` from `start_step` to `cfg.steps`; returns the last evaluation, or {} without one.
 
@@ -353,7 +355,8 @@ def train_rl(
     steps and at the end. Ctrl-C finishes the step, checkpoints and raises. `ref_model` is the frozen
     model of the KL (a copy of the initial one; under FSDP2 a Policy of it, wrapped); a LoRA model
     needs none: its reference is itself with the adapter switched off. `reward_stats` are the running
-    moments of `cfg.reward_norm` (a resumed run's; new ones otherwise).
+    moments of `cfg.reward_norm` (a resumed run's; new ones otherwise). `engine` samples the rollouts
+    (`pglm.engines`; None: pglm's own sampler on the model).
     """
     check_shapes(preset, cfg)
     if start_step >= cfg.steps:  # resumed with no step left: stopped after its last checkpoint
@@ -378,15 +381,17 @@ def train_rl(
     first_row = dist.rank() * B_local  # this rank's first row in the step's global order
     # Only group-relative advantages are all zero when a group's rewards are equal.
     group_relative = recipe.estimator.groups and G > 1
-    fused = W == 1 and cfg.rollout_batch_size in (None, B) and cfg.micro_batch_size in (None, B) and \
-        fuses_scoring(recipe, cfg, value_head, B, N, policy.model.lm_head.weight.shape[0])
     all_finished = dist.all_ranks if dist.sharded(wrapped) else None  # FSDP2: decode in step on every rank
     evaluated = policy.model if W == 1 else policy  # under FSDP2 generation goes through the Policy
+    engine = engine or TorchEngine(evaluated, tokenizer.eos_id, tokenizer.pad_id, all_finished)
+    fused = engine.exact and W == 1 and cfg.rollout_batch_size in (None, B) and cfg.micro_batch_size in (None, B) \
+        and fuses_scoring(recipe, cfg, value_head, B, N, policy.model.lm_head.weight.shape[0])
     wrapped.eval()  # no dropout anywhere in RL (module docstring)
     params = [q for g in optimizer.param_groups for q in g["params"]]  # what the gradient-norm clip covers
     last_eval: dict = {}
     zero_std_streak = 0
     collapse = CollapseWatch()
+    stale_said = False
     say = (lambda text: bar.write(text)) if dist.is_main() else (lambda text: None)
 
     def checkpoint(at: int):
@@ -417,7 +422,13 @@ def train_rl(
             # 1. Rollout: G samples for each of this rank's prompts, with the sampler's log-probs.
             rows = draw_rows(step)[dist.rank() * P_local : (dist.rank() + 1) * P_local]
             ro = collect_rollout(evaluated, tokenizer, rows, reward_fn, cfg, N, step,
-                                 first_prompt=dist.rank() * P_local, fused=fused, all_finished=all_finished)
+                                 first_prompt=dist.rank() * P_local, fused=fused, all_finished=all_finished,
+                                 engine=engine)
+            is_weights, mismatch = None, {}
+            if ro.engine_logp is not None:  # another engine sampled: the trainer scores, the ratio corrects
+                ro.old_logp = score_rows(wrapped, ro, cfg)
+                is_weights, mismatch = mismatch_weights(ro.old_logp, ro.engine_logp, ro.mask, cfg.rollout_correction,
+                                                        cfg.rollout_correction_cap)
             scaled, n_clipped = scale_rewards(ro.rewards, reward_stats if cfg.reward_norm else None, cfg.reward_clip)
             rewards, loss_mask, zero_std = shape_rewards(scaled, ro.finished, ro.mask, G, recipe.truncation,
                                                          cfg.truncation_penalty, recipe.drop_zero_std_groups)
@@ -452,10 +463,17 @@ def train_rl(
                                             cfg.warmup_steps, cfg.min_lr_frac)
             try:
                 sums = update(wrapped, optimizer, params, ro, advantages, loss_mask, ref_logp, old_values, returns,
-                              recipe, cfg, step, N, B, first_row, fused)
+                              recipe, cfg, step, N, B, first_row, fused, is_weights)
             except NonFiniteGradient as e:
                 raise UserError(nonfinite_message(step + 1, e.grad_norm, run_dir)) from None
             step += 1
+            if not engine.exact:  # the new weights into the engine, and a probe that they arrived
+                mismatch["stale_weights"] = sync_and_probe(engine, wrapped, ro, cfg)
+                if mismatch["stale_weights"] and not stale_said:
+                    stale_said = True
+                    say(f"warning: after the weight sync of step {step} the engine's log-probs match the weights "
+                        "before the update, not after: it is sampling from stale weights (trl#5312). Check that the "
+                        "engine's weight loading reached every layer (and reset its prefix cache).")
 
             # 5. Log: every figure is over the whole step (all ranks), summed in one collective.
             local = torch.stack([
@@ -485,6 +503,7 @@ def train_rl(
                 row["skipped_updates"] = round(float(sums[SKIPPED]) / W)
             if value_head is not None:
                 row["explained_variance"] = explained_variance(old_values, returns, ro.mask)
+            row.update(mismatch)
             if ref_model is not None:
                 row["kl"] = kl_sum / B  # E[Σ_t k1] = KL(π‖ref) per sequence
             metrics.log(step, "rl", **row)
@@ -550,7 +569,8 @@ TOKENS, LOSS, GRAD_NORM, UPDATES, SKIPPED = range(len(TOKEN_STATS), len(TOKEN_ST
 
 
 def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_logp, old_values, returns,
-           preset: Preset, cfg: RLConfig, step: int, N: int, B: int, first_row: int, fused: bool) -> torch.Tensor:
+           preset: Preset, cfg: RLConfig, step: int, N: int, B: int, first_row: int, fused: bool,
+           is_weights: torch.Tensor | None = None) -> torch.Tensor:
     """cfg.epochs passes over the step's B completions, each split into cfg.minibatches optimizer steps.
 
     A minibatch is a set of the step's global rows (a permutation drawn from (seed, step, epoch)); this
@@ -561,7 +581,8 @@ def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_l
     under DDP every rank must join the all-reduce), and a minibatch with no token to learn from is
     skipped on every rank, as is (with cfg.skip_nonfinite; else NonFiniteGradient) one whose gradient is
     not finite. Returns this rank's sums (TOKEN_STATS …, TOKENS, LOSS, GRAD_NORM, UPDATES, SKIPPED),
-    to be summed over ranks.
+    to be summed over ranks. `is_weights` (B_local, N) multiply each token's policy loss (the engine
+    correction; None: 1).
     """
     W = dist.world_size()
     B_local = ro.tokens.size(0)
@@ -593,7 +614,8 @@ def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_l
                         logp, values, entropy = _scored(wrapped, ro, idx, cfg.temperature, with_entropy=True)
                     loss, stats = policy_loss(logp, ro.old_logp[idx], advantages[idx], m,
                                               clip_low=preset.clip_low, clip_high=preset.clip_high,
-                                              level=preset.level, agg=preset.agg, normalizer=normalizer, l_max=N)
+                                              level=preset.level, agg=preset.agg, normalizer=normalizer, l_max=N,
+                                              weights=None if is_weights is None else is_weights[idx])
                     if cfg.beta > 0 and preset.kl_placement == "loss":
                         kl_loss = aggregate(kl_estimate(logp, ref_logp[idx], "k3"), m, preset.agg, normalizer, l_max=N)
                         loss = loss + cfg.beta * kl_loss
@@ -623,6 +645,23 @@ def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_l
             sums[GRAD_NORM] += grad_norm  # the same on every rank: summed over W, divided by W when logged
             sums[UPDATES] += 1  # summed over ranks: W per update
     return sums
+
+
+def sync_and_probe(engine, wrapped, ro: Rollout, cfg: RLConfig) -> bool:
+    """Give the engine the updated weights; True when a probe says it still has the old ones.
+
+    The probe is the rollout's first sequence: the trainer scored it before the update (ro.old_logp),
+    scores it again after, and the engine scores it after the sync (`pglm.pg.correction.stale_weights`)."""
+    policy = dist.unwrap(wrapped)
+    engine.sync_weights(policy.model.named_parameters())
+    idx = torch.zeros(1, dtype=torch.long, device=ro.tokens.device)
+    m = ro.mask[:1]
+    with torch.no_grad():
+        after = _scored(wrapped, ro, idx, cfg.temperature)[0][m]
+    probe = engine.logprobs(ro.tokens[:1], ro.n_pad[:1], ro.prompt_len, cfg.temperature)[m]
+    # below the engine's own noise an update says nothing: the mismatch of this very rollout bounds it
+    noise = float((ro.old_logp[:1] - ro.engine_logp[:1])[m].abs().mean())
+    return stale_weights(probe, ro.old_logp[:1][m], after, tol=noise)
 
 
 class NonFiniteGradient(Exception):

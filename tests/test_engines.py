@@ -1,0 +1,139 @@
+"""Rollout engines (pglm/engines.py) and the loop's correction of an engine that is not the trainer:
+TorchEngine samples today's samples with the trainer's log-probs; a skewed fake engine gets exactly the
+capped weights; a stale fake engine trips the alarm, a synced one does not."""
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import pglm.train.rl
+from pglm.engines import TorchEngine, seed_uniforms
+from pglm.models import build_model, model_config
+from pglm.pg.presets import get_preset
+from pglm.sampling import generate
+from pglm.tasks import get_task
+from pglm.train.rl import RLConfig, make_rl_optimizer, task_rows, train_rl
+
+
+@pytest.fixture
+def policy():
+    tok = get_task("add2").tokenizer()
+    torch.manual_seed(0)
+    model = build_model(model_config("gpt", "tiny", vocab_size=tok.vocab_size, block_size=16, n_layer=1, d_model=32,
+                                     n_head=2))
+    return model.eval(), tok
+
+
+def test_torch_engine_gives_the_samplers_samples_and_the_trainers_log_probs(policy):
+    model, tok = policy
+    prompts = [tok.prompt_ids(p) for p in ("12+34=", "7+5=", "99+99=")]
+    seeds = [(3, 7, i) for i in (5, 6, 7)]
+    engine = TorchEngine(model, tok.eos_id, tok.pad_id)
+    g = engine.generate(prompts, 4, 4, 0.8, seeds)
+    ref = generate(model, prompts, 4, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.8, group_size=4,
+                   uniforms=seed_uniforms(seeds, 4, 4))
+    assert torch.equal(g.tokens, ref.tokens) and torch.equal(g.logprobs, ref.logprobs)
+    scored = engine.logprobs(g.tokens, g.n_pad, g.prompt_len, 0.8)
+    assert torch.allclose(scored * g.response_mask, g.logprobs, atol=1e-5)
+    assert engine.exact
+
+
+class CopyEngine:
+    """An engine with weights of its own, a copy of the policy's: `skew(g)` is subtracted from its
+    log-probs (its kernels differ), and `sync=False` ignores every sync (stale weights)."""
+
+    exact = False
+
+    def __init__(self, model, tok, skew=None, sync=True):
+        self.model, self.skew, self.sync = copy.deepcopy(model), skew, sync
+        self.inner = TorchEngine(self.model, tok.eos_id, tok.pad_id)
+
+    def generate(self, prompts, group_size, max_new_tokens, temperature, seeds):
+        g = self.inner.generate(prompts, group_size, max_new_tokens, temperature, seeds)
+        if self.skew is not None:
+            g = dataclasses.replace(g, logprobs=(g.logprobs - self.skew(g)) * g.response_mask)
+        return g
+
+    def logprobs(self, tokens, n_pad, prompt_len, temperature):
+        return self.inner.logprobs(tokens, n_pad, prompt_len, temperature)
+
+    @torch.no_grad()
+    def sync_weights(self, named_tensors):
+        if self.sync:
+            for name, p in named_tensors:
+                self.model.get_parameter(name).copy_(p)
+
+
+def run(policy, tmp_path, engine, monkeypatch=None, **cfg):
+    model, tok = policy
+    task = get_task("add2")
+    rl_cfg = RLConfig(algo="grpo", steps=3, prompts_per_step=4, group_size=4, lr=1e-3, eval_every=100,
+                      ckpt_every=100, **cfg)
+    seen = []
+    tmp_path.mkdir(exist_ok=True)
+    if monkeypatch is not None:  # the weights each policy loss is given
+        real = pglm.train.rl.policy_loss
+
+        def recording(*a, weights=None, **k):
+            seen.append(weights)
+            return real(*a, weights=weights, **k)
+
+        monkeypatch.setattr(pglm.train.rl, "policy_loss", recording)
+    def longer(prompts, completions, **_):  # a reward an untrained model's samples differ in: the policy moves
+        return [float(len(c)) for c in completions]
+
+    train_rl(model, tok, get_preset("grpo"), rl_cfg, task_rows(task, 0, 4), longer, None, 4, tmp_path,
+             make_rl_optimizer(model, None, 1e-3, rl_cfg), progress=False, engine=engine(model, tok))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["phase"] == "rl"], seen
+
+
+@pytest.mark.parametrize("delta, clipped", [(0.5, 0.0), (1.5, 1.0)])
+def test_a_skewed_engine_gets_token_weights_min_ratio_c(policy, tmp_path, monkeypatch, delta, clipped):
+    """Every engine log-prob δ below the trainer's: ρ = e^δ on every token, weight min(e^δ, 3)."""
+    rows, seen = run(policy, tmp_path, lambda m, t: CopyEngine(m, t, skew=lambda g: delta), monkeypatch)
+    for r in rows:
+        assert r["logp_diff_mean"] == pytest.approx(delta, abs=1e-5)
+        assert r["is_ratio_mean"] == pytest.approx(math.exp(delta), rel=1e-4)
+        assert r["is_clip_frac"] == clipped and r["stale_weights"] is False
+    for w in seen:
+        assert torch.allclose(w[w > 0], torch.full_like(w[w > 0], min(math.exp(delta), 3.0)), rtol=1e-4)
+
+
+def test_seq_mask_drops_the_skewed_sequences_and_keeps_the_others(policy, tmp_path, monkeypatch):
+    """Even rows skewed by 2 per token (ρ_seq ≥ e² > 3: dropped), odd rows not (ρ = 1: weight 1)."""
+    def skew(g):
+        s = torch.zeros_like(g.logprobs)
+        s[0::2] = 2.0
+        return s
+
+    rows, seen = run(policy, tmp_path, lambda m, t: CopyEngine(m, t, skew=skew), monkeypatch,
+                     rollout_correction="seq_mask")
+    for w in seen:
+        assert torch.all(w[0::2] == 0)
+        real = w[1::2][w[1::2] != 0]
+        assert torch.allclose(real, torch.ones_like(real), atol=1e-4)
+    assert all(r["is_clip_frac"] == 0.5 for r in rows)
+
+
+def test_an_engine_without_skew_trains_as_pglms_own_sampler(policy, tmp_path):
+    model, tok = policy
+    torch_model, engine_model = copy.deepcopy(model), copy.deepcopy(model)
+    run((torch_model, tok), tmp_path / "a", lambda m, t: TorchEngine(m, t.eos_id, t.pad_id))
+    rows, _ = run((engine_model, tok), tmp_path / "b", lambda m, t: CopyEngine(m, t))
+    assert all(r["logp_diff_max"] < 1e-5 and r["is_clip_frac"] == 0.0 for r in rows)
+    a, b = torch_model.state_dict(), engine_model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_stale_engine_trips_the_alarm_and_a_synced_one_does_not(policy, tmp_path, capsys):
+    model, tok = policy
+    rows, _ = run((copy.deepcopy(model), tok), tmp_path / "stale", lambda m, t: CopyEngine(m, t, sync=False))
+    assert [r["stale_weights"] for r in rows] == [True, True, True]
+    assert "stale weights" in capsys.readouterr().out + capsys.readouterr().err
+    rows, _ = run((copy.deepcopy(model), tok), tmp_path / "synced", lambda m, t: CopyEngine(m, t))
+    assert [r["stale_weights"] for r in rows] == [False, False, False]
