@@ -291,8 +291,12 @@ def gpt_state_dict(model) -> dict[str, torch.Tensor]:
     """pglm GPT parameters under LlamaForCausalLM's names; own, contiguous CPU tensors (no shared memory).
 
     lm_head.weight is left out when it is tied to the embedding (tie_word_embeddings rebuilds it)."""
-    cfg = model.config
-    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    return llama_tensors(model.config, {k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+
+
+def llama_tensors(cfg, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`gpt_state_dict` of given pglm GPT tensors `sd` (by pglm name, on any device): what a weight sync
+    into an engine that loads Llama checkpoints (vLLM) hands it."""
     C = cfg.d_model
 
     def own(t):

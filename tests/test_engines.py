@@ -137,3 +137,42 @@ def test_a_stale_engine_trips_the_alarm_and_a_synced_one_does_not(policy, tmp_pa
     assert "stale weights" in capsys.readouterr().out + capsys.readouterr().err
     rows, _ = run((copy.deepcopy(model), tok), tmp_path / "synced", lambda m, t: CopyEngine(m, t))
     assert [r["stale_weights"] for r in rows] == [False, False, False]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from helpers import TINY
+
+    from pglm.cli import main
+
+    tmp = tmp_path_factory.mktemp("engines")
+    for arch in ("gpt", "lstm"):
+        assert main(["sft", "--task", "add2", "--model", arch, "--steps", "2", "--out", str(tmp / arch), *TINY]) == 0
+    return tmp
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rollout-engine", "sglang"], "--rollout-engine must be torch or vllm"),
+    (["--rollout-correction", "icepop"], "--rollout-correction must be none, token_tis, seq_mask"),
+    (["--rollout-correction-cap", "1"], "--rollout-correction-cap"),
+])
+def test_bad_engine_flags_are_one_line(runs, tmp_path, capsys, flags, message):
+    from helpers import error_line
+
+    out = tmp_path / "rl"
+    line = error_line(capsys, ["rl", "--init", str(runs / "gpt"), "--task", "add2", "--steps", "2", "--out", str(out),
+                               "--quiet", *flags])
+    assert message in line and not out.exists()
+
+
+def test_vllm_with_an_lstm_or_without_vllm_is_one_line(runs, tmp_path, capsys):
+    from helpers import error_line
+
+    base = ["rl", "--task", "add2", "--steps", "2", "--quiet", "--rollout-engine", "vllm"]
+    line = error_line(capsys, [*base, "--init", str(runs / "lstm"), "--out", str(tmp_path / "a")])
+    assert "no LSTM architecture" in line and not (tmp_path / "a").exists()
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        line = error_line(capsys, [*base, "--init", str(runs / "gpt"), "--out", str(tmp_path / "b")])
+        assert "pip install -e '.[vllm]'" in line and not (tmp_path / "b").exists()

@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-clip", type=float, help="clip rewards (after --reward-norm) to [-C, C] (default 0: off)")
     p.add_argument("--reward-timeout", type=float, help=f"seconds one reward call may take before the run stops "
                    f"with an error (default {d.reward_timeout:g}; 0: no limit)")
+    p.add_argument("--rollout-engine", help="what samples the rollouts: torch (pglm's sampler, the default) | vllm "
+                   "(pip install -e '.[vllm]'; docs/vllm.md)")
+    p.add_argument("--rollout-correction", help="with --rollout-engine vllm: none | token_tis (default: min(π_train/"
+                   "π_engine, C) per token) | seq_mask (sequences whose ratio exceeds C leave the loss)")
+    p.add_argument("--rollout-correction-cap", type=float, help=f"C of --rollout-correction (default {d.rollout_correction_cap:g})")
     p.add_argument("--algo", default=d.algo, help=f"{' | '.join(PRESETS)} (default {d.algo})")
     p.add_argument("--steps", type=int, help=f"rollouts, one or more optimizer steps each (default {d.steps})")
     p.add_argument("--group-size", type=int, help=f"samples per prompt (default {d.group_size})")

@@ -99,6 +99,10 @@ def rl(args, out):
             apply_lora(args, init.model)
             init.model.to(device)  # the adapter's new weights too
         model, tokenizer = init.model, init.tokenizer
+        if cfg.rollout_engine == "vllm":  # one line now, not after the run directory is written
+            from pglm.engines_vllm import check_vllm
+
+            check_vllm(model)
         if task is not None:
             check_task_tokenizer(tokenizer, task, args.init or out)
         else:
@@ -192,7 +196,16 @@ def rl(args, out):
             return evaluate_task(m, tokenizer, task, samples=cfg.eval_samples, temperature=cfg.temperature,
                                  limit=cfg.eval_limit, seed=cfg.seed)
 
-    final = train_rl(model, tokenizer, preset, cfg, draw_rows, reward_fn, evaluator, N, out, optimizer,
-                     ref_model=ref_model, baseline=baseline, start_step=start, metrics=metrics,
-                     progress=not args.quiet, reward_stats=reward_stats)
+    engine = None
+    if cfg.rollout_engine == "vllm":
+        from pglm.engines_vllm import VLLMEngine
+
+        engine = VLLMEngine(dist.unwrap(model).model, tokenizer, device, max_len=longest + N)
+    try:
+        final = train_rl(model, tokenizer, preset, cfg, draw_rows, reward_fn, evaluator, N, out, optimizer,
+                         ref_model=ref_model, baseline=baseline, start_step=start, metrics=metrics,
+                         progress=not args.quiet, reward_stats=reward_stats, engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
     finish_run(out, {"train": {"steps": cfg.steps}, **config}, final, metrics, "rl")

