@@ -84,3 +84,6 @@ def test_the_stale_weights_alarm():
     assert stale_weights(before + 0.01, before, after)  # the engine still has the old weights
     assert not stale_weights(after - 0.01, before, after)  # synced: at the new weights, up to kernel noise
     assert not stale_weights(before, before, before + 1e-4, tol=1e-3)  # an update too small to tell
+    assert stale_weights(before + 0.5, before, before + 1e-4, tol=1e-3)  # ... from an engine far from both
+    # within the engine's noise of the new weights, even if nearer the old: synced
+    assert not stale_weights(after + 5e-7, after + 3e-7, after, tol=1e-6)

@@ -200,7 +200,7 @@ def rl(args, out):
     if cfg.rollout_engine == "vllm":
         from pglm.engines_vllm import VLLMEngine
 
-        engine = VLLMEngine(dist.unwrap(model).model, tokenizer, device, max_len=longest + N)
+        engine = VLLMEngine(dist.unwrap(model).model, tokenizer, device, max_len=context or longest + N)
     try:
         final = train_rl(model, tokenizer, preset, cfg, draw_rows, reward_fn, evaluator, N, out, optimizer,
                          ref_model=ref_model, baseline=baseline, start_step=start, metrics=metrics,

@@ -63,9 +63,11 @@ def stale_weights(engine_probe: torch.Tensor, before: torch.Tensor, after: torch
 
     engine_probe: the engine's log-probs of a fixed probe sequence just after `sync_weights`; before /
     after: the trainer's log-probs of the same tokens under the weights before and after the update.
-    Stale when the engine is closer to `before` than to `after`, and the update moved the probe by more
-    than `tol` (a step too small to tell apart says nothing)."""
+    Stale when the engine is off the new weights by more than `tol` (the engine's own noise) and closer
+    to `before` than to `after`; or off them by more than `tol` after an update too small to tell the two
+    apart (then it cannot be the new weights either)."""
     moved = float((after - before).abs().mean())
-    if moved <= tol:
+    off = float((engine_probe - after).abs().mean())
+    if off <= tol:
         return False
-    return float((engine_probe - before).abs().mean()) < float((engine_probe - after).abs().mean())
+    return moved <= tol or float((engine_probe - before).abs().mean()) < off

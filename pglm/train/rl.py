@@ -666,9 +666,10 @@ def sync_and_probe(engine, wrapped, ro: Rollout, cfg: RLConfig) -> bool:
     with torch.no_grad():
         after = _scored(wrapped, ro, idx, cfg.temperature)[0][m]
     probe = engine.logprobs(ro.tokens[:1], ro.n_pad[:1], ro.prompt_len, cfg.temperature)[m]
-    # below the engine's own noise an update says nothing: the mismatch of this very rollout bounds it
+    # below the engine's own noise nothing can be told apart: twice the mismatch of this very rollout,
+    # and at least float32's (a synced vLLM on the CPU: 5e-7 to 1e-6, docs/vllm.md)
     noise = float((ro.old_logp[:1] - ro.engine_logp[:1])[m].abs().mean())
-    return stale_weights(probe, ro.old_logp[:1][m], after, tol=noise)
+    return stale_weights(probe, ro.old_logp[:1][m], after, tol=max(2 * noise, 1e-5))
 
 
 class NonFiniteGradient(Exception):
