@@ -105,16 +105,20 @@ def mle(args, device, peak: float) -> None:
     print(f"  pglm / transformers tokens/s: {tok_s['pglm'] / tok_s['transformers']:.2f}×")
 
 
+def char_tokenizer():
+    """A Hugging Face tokenizer of single characters (digits, '+', '=', ' ', a–j) and <pad> <bos> <eos>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate("0123456789+= abcdefghij")}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
 def rl(args, device) -> None:
     import datasets
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        AutoTokenizer,
-        GPT2Config,
-        GPT2LMHeadModel,
-        PreTrainedTokenizerFast,
-        TrainerCallback,
-    )
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from pglm.pg.presets import get_preset
@@ -125,12 +129,9 @@ def rl(args, device) -> None:
     L, H, C, P, G, N = (2, 2, 64, 4, 4, 16) if args.tiny else (12, 12, 768, 32, 8, 256)
     work = Path(tempfile.mkdtemp(prefix="pglm-gpu-"))
 
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate("0123456789+= abcdefghij")}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    tok = char_tokenizer()
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=C, n_layer=L, n_head=H, resid_pdrop=0,
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=C, n_layer=L, n_head=H, resid_pdrop=0,
                                embd_pdrop=0, attn_pdrop=0, bos_token_id=1, eos_token_id=2,
                                pad_token_id=0)).save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
@@ -182,22 +183,13 @@ def rl(args, device) -> None:
 
 
 def reward_scoring(args, device) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        PreTrainedTokenizerFast,
-        Qwen2Config,
-    )
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Qwen2Config
 
     from pglm.rewards.learned import reward_model
 
     L, C, heads, kv, inter, n = (2, 64, 4, 2, 128, 64) if args.tiny else (24, 896, 14, 2, 4864, 1024)
     work = Path(tempfile.mkdtemp(prefix="pglm-gpu-rm-"))
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate("0123456789+= abcdefghij")}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    tok = char_tokenizer()
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = Qwen2Config(vocab_size=151936, hidden_size=C, num_hidden_layers=L, num_attention_heads=heads,
