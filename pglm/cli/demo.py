@@ -80,7 +80,7 @@ def _report(s: dict, out: Path, plots) -> None:
           f"teacher's data for {s['mle_only_steps']} steps, {budget}. Carry problems:")
     for e in s["examples"]:
         print(f"  {e['prompt']}{e['answer']:<4}  maximum likelihood: {e['maximum_likelihood']:<4}  policy gradient: {e['policy_gradient']}")
-    print(f"\nwritten to {out} (summary.json, metrics.jsonl, plots: {', '.join(p.name for p in plots)})")
+    print(f"\nwritten to {out} (summary.json, metrics.jsonl, plots: {_names(plots, out)})")
 
 
 def _report_rlhf(s: dict, out: Path, plots) -> None:
@@ -106,5 +106,8 @@ def _report_rlhf(s: dict, out: Path, plots) -> None:
     for e in s["examples"]:
         cells = "  ".join(f"{name}: {e[name]['answer']:<4} ({e[name]['proxy']:+.2f})" for name in ("sft", "rl-kl", "rl-no-kl"))
         print(f"  {e['prompt'] + e['answer']:<11} {cells}")
-    print(f"\nwritten to {out} (summary.json; runs reward, rl-kl, rl-no-kl; plots: "
-          f"{', '.join(sorted({p.name for p in plots}))})")
+    print(f"\nwritten to {out} (summary.json; runs reward, rl-kl, rl-no-kl; plots: {_names(plots, out)})")
+
+
+def _names(plots, out) -> str:
+    return ", ".join(str(p.relative_to(out)) for p in plots)
