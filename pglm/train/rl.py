@@ -478,9 +478,10 @@ def train_rl(
                 mismatch["stale_weights"] = sync_and_probe(engine, wrapped, ro, cfg)
                 if mismatch["stale_weights"] and not stale_said:
                     stale_said = True
-                    say(f"warning: after the weight sync of step {step} the engine's log-probs match the weights "
-                        "before the update, not after: it is sampling from stale weights (trl#5312). Check that the "
-                        "engine's weight loading reached every layer (and reset its prefix cache).")
+                    say(f"warning: after the weight sync of step {step} the engine's log-probs are not those of the "
+                        "updated weights (nearer the weights before the update): it is sampling from stale weights "
+                        "(trl#5312). Check that the engine's weight loading reached every layer (and reset its "
+                        "prefix cache).")
 
             # 5. Log: every figure is over the whole step (all ranks), summed in one collective.
             local = torch.stack([
