@@ -72,12 +72,13 @@ def test_engine_log_probs_match_pglms_scoring_and_a_sync_restores_them(engine):
 
 
 def test_pglm_rl_with_the_vllm_engine_runs_end_to_end(tmp_path):
+    """At τ = 1.5: the engine's sampled log-probs are tempered, its probe's are not (the probe runs at 1)."""
     sft, out = tmp_path / "sft", tmp_path / "rl"
     assert main(["sft", "--task", "add2", "--n-layer", "2", "--d-model", "128", "--n-head", "2", "--block-size", "16",
                  "--steps", "30", "--out", str(sft), "--quiet"]) == 0
     assert main(["rl", "--init", str(sft), "--task", "add2", "--rollout-engine", "vllm", "--steps", "3",
                  "--prompts-per-step", "4", "--group-size", "4", "--eval-every", "3", "--eval-limit", "20",
-                 "--eval-samples", "0", "--out", str(out), "--quiet"]) == 0
+                 "--eval-samples", "0", "--temperature", "1.5", "--out", str(out), "--quiet"]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in rows if r["phase"] == "rl"]
     print("\n" + "\n".join(f"step {r['step']}: logp_diff_max {r['logp_diff_max']:.2e} is_ratio_max "

@@ -468,6 +468,7 @@ def train_rl(
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step - cfg.first_step, cfg.steps - cfg.first_step, recipe.lr,
                                             cfg.warmup_steps, cfg.min_lr_frac)
+            probe_before = None if engine.exact else probe_logp(wrapped, ro)  # the stale-weights probe, before
             try:
                 sums = update(wrapped, optimizer, params, ro, advantages, loss_mask, ref_logp, old_values, returns,
                               recipe, cfg, step, N, B, first_row, fused, is_weights)
@@ -475,7 +476,7 @@ def train_rl(
                 raise UserError(nonfinite_message(step + 1, e.grad_norm, run_dir)) from None
             step += 1
             if not engine.exact:  # the new weights into the engine, and a probe that they arrived
-                mismatch["stale_weights"] = sync_and_probe(engine, wrapped, ro, cfg)
+                mismatch["stale_weights"] = sync_and_probe(engine, wrapped, ro, probe_before)
                 if mismatch["stale_weights"] and not stale_said:
                     stale_said = True
                     say(f"warning: after the weight sync of step {step} the engine's log-probs are not those of the "
@@ -655,22 +656,30 @@ def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_l
     return sums
 
 
-def sync_and_probe(engine, wrapped, ro: Rollout, cfg: RLConfig) -> bool:
+def probe_logp(wrapped, ro: Rollout) -> torch.Tensor:
+    """The trainer's log-probs of the rollout's first response at temperature 1 (its valid tokens): the
+    stale-weights probe. At τ = 1, because an engine's log-probs of given tokens (vLLM's prompt
+    log-probs) are of the untempered distribution."""
+    idx = torch.zeros(1, dtype=torch.long, device=ro.tokens.device)
+    with torch.no_grad():
+        return _scored(wrapped, ro, idx, 1.0)[0][ro.mask[:1]]
+
+
+def sync_and_probe(engine, wrapped, ro: Rollout, before: torch.Tensor) -> bool:
     """Give the engine the updated weights; True when a probe says it still has the old ones.
 
-    The probe is the rollout's first sequence: the trainer scored it before the update (ro.old_logp),
-    scores it again after, and the engine scores it after the sync (`pglm.pg.correction.stale_weights`)."""
+    The probe is the rollout's first response: the trainer scored it before the update (`before`,
+    `probe_logp`), scores it again after, and the engine scores it after the sync
+    (`pglm.pg.correction.stale_weights`)."""
     policy = dist.unwrap(wrapped)
     engine.sync_weights(policy.model.named_parameters())
-    idx = torch.zeros(1, dtype=torch.long, device=ro.tokens.device)
     m = ro.mask[:1]
-    with torch.no_grad():
-        after = _scored(wrapped, ro, idx, cfg.temperature)[0][m]
-    probe = engine.logprobs(ro.tokens[:1], ro.n_pad[:1], ro.prompt_len, cfg.temperature)[m]
-    # below the engine's own noise nothing can be told apart: twice the mismatch of this very rollout,
+    after = probe_logp(wrapped, ro)
+    probe = engine.logprobs(ro.tokens[:1], ro.n_pad[:1], ro.prompt_len, 1.0)[m]
+    # below the engine's own noise nothing can be told apart: twice the mismatch of this very response,
     # and at least float32's (a synced vLLM on the CPU: 5e-7 to 1e-6, docs/vllm.md)
     noise = float((ro.old_logp[:1] - ro.engine_logp[:1])[m].abs().mean())
-    return stale_weights(probe, ro.old_logp[:1][m], after, tol=max(2 * noise, 1e-5))
+    return stale_weights(probe, before, after, tol=max(2 * noise, 1e-5))
 
 
 class NonFiniteGradient(Exception):
