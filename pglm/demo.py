@@ -38,7 +38,7 @@ from pglm.tasks.add2 import has_carry, parse_prompt
 from pglm.train.checkpoint import write_json
 from pglm.train.metrics import MetricsLog
 from pglm.train.mle import TrainConfig, make_optimizer, train_mle
-from pglm.train.rl import RLConfig, make_rl_optimizer, task_rows, train_rl
+from pglm.train.rl import RLConfig, ValueHead, make_rl_optimizer, task_rows, train_rl
 
 
 @dataclass
@@ -188,9 +188,11 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
                       eval_every=cfg.eval_every, ckpt_every=10**9, seed=cfg.seed, first_step=k)
     print(f"phase 2: {describe(preset, 0.0, cfg.group_size, task.max_new_tokens)}")
     t0 = time.perf_counter()
+    value_head = ValueHead(model.config.d_model) if preset.estimator.values else None  # PPO's critic
     train_rl(model, tok, preset, rl_cfg, task_rows(task, cfg.seed, cfg.prompts_per_step), task.reward,
              lambda m: carry_report(m, tok, heldout), task.max_new_tokens, out,
-             make_rl_optimizer(model, None, cfg.rl_lr, rl_cfg), start_step=k, metrics=metrics, progress=progress)
+             make_rl_optimizer(model, value_head, cfg.rl_lr, rl_cfg), value_head=value_head, start_step=k,
+             metrics=metrics, progress=progress)
     t_rl = time.perf_counter() - t0
     after_rl = carry_report(model, tok, heldout)
     passk_rl = evaluate_task(model, tok, task, samples=cfg.passk_samples, seed=cfg.seed)

@@ -45,7 +45,7 @@ from pglm.train.checkpoint import write_json
 from pglm.train.metrics import MetricsLog, read_metrics
 from pglm.train.mle import TrainConfig, make_optimizer, train_mle
 from pglm.train.reward import evaluate_pairs, pair_batch, read_preferences, reward_step
-from pglm.train.rl import RLConfig, frozen_copy, make_rl_optimizer, task_rows, train_rl
+from pglm.train.rl import RLConfig, ValueHead, frozen_copy, make_rl_optimizer, task_rows, train_rl
 
 
 @dataclass
@@ -200,9 +200,11 @@ def rlhf_run(sft_model, tokenizer, cfg: RLHFConfig, beta: float, proxy, run_dir:
                       eval_every=cfg.eval_every, ckpt_every=10**9, seed=cfg.seed)
     print(f"  {describe(preset, beta, cfg.group_size, task.max_new_tokens)}")
     metrics = MetricsLog(run_dir)
+    value_head = ValueHead(policy.config.d_model) if preset.estimator.values else None  # PPO's critic
     train_rl(policy, tokenizer, preset, rl_cfg, task_rows(task, cfg.seed, cfg.prompts_per_step), proxy, evaluate,
-             task.max_new_tokens, run_dir, make_rl_optimizer(policy, None, cfg.rl_lr, rl_cfg),
-             ref_model=frozen_copy(sft_model) if beta > 0 else None, metrics=metrics, progress=progress)
+             task.max_new_tokens, run_dir, make_rl_optimizer(policy, value_head, cfg.rl_lr, rl_cfg),
+             value_head=value_head, ref_model=frozen_copy(sft_model) if beta > 0 else None, metrics=metrics,
+             progress=progress)
     metrics.close()
     keys = ("accuracy", "accuracy_carry", "accuracy_no_carry", "teacher_mistake_on_carry", "proxy")
     curve = [{"step": r["step"], **{k: r[k] for k in keys}} for r in read_metrics(run_dir / "metrics.jsonl")

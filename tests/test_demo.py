@@ -93,3 +93,10 @@ def test_full_demo_reaches_its_targets(tmp_path):
     assert s["after_rl"]["accuracy"] >= 0.90
     assert s["after_rl"]["accuracy"] >= s["after_mle"]["accuracy"] + 0.20
     assert s["after_rl"]["accuracy"] >= s["mle_only"]["accuracy"] + 0.20
+
+
+@pytest.mark.slow  # 10-20 s: the demos' phases, cut short, around a critic
+def test_the_demo_runs_ppo_with_its_value_head(tmp_path):
+    """--algo ppo needs a critic beside the policy (it raised a TypeError before the demo made one)."""
+    s = run_demo(tiny(algo="ppo"), tmp_path, progress=False)
+    assert s["algo"] == "ppo" and s["rl_steps"] == 4

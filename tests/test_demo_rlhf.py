@@ -99,3 +99,11 @@ def test_full_rlhf_demo_shows_the_gain_and_the_over_optimisation(tmp_path):
     assert kl["final"]["accuracy"] >= sft + 0.05  # RLHF with KL gains on the truth (seed 0: +6 points; docs/rlhf.md)
     assert no_kl["final"]["accuracy"] < sft - 0.3  # without KL the policy games the proxy ...
     assert no_kl["final"]["proxy"] > kl["final"]["proxy"]  # ... which scores it higher than ever
+
+
+@pytest.mark.slow  # 10-20 s: the demos' phases, cut short, around a critic
+def test_the_rlhf_demo_runs_ppo_with_its_value_head(tmp_path):
+    cfg = RLHFConfig(sft_min_steps=0, sft_max_steps=20, signal_every=10, signal_threshold=2.0, pair_problems=200,
+                     rm_steps=5, rl_steps=3, eval_every=3, prompts_per_step=2, group_size=4, algo="ppo")
+    s = run_rlhf_demo(cfg, tmp_path, progress=False)
+    assert [e["step"] for e in s["rl"]["rl-kl"]["curve"]] == [0, 3]
