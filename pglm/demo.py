@@ -237,12 +237,17 @@ def run_demo(cfg: DemoConfig, out: Path, progress: bool = True) -> dict:
 
 
 def _answers(model, tok, rows) -> list[str]:
-    """Greedy answers to add2 rows (the model's train/eval mode is left as it was)."""
+    """Greedy answers to add2 rows, stripped (the model's train/eval mode is left as it was)."""
+    return [t.strip() for t in greedy_texts(model, tok, [r["prompt"] for r in rows])]
+
+
+def greedy_texts(model, tokenizer, prompts: list[str]) -> list[str]:
+    """Greedy add2 completions as a reward reads them; the model's train/eval mode is left as it was."""
     was_training = model.training
     model.eval()
-    _, texts = complete(model, tok, [r["prompt"] for r in rows], get_task("add2").max_new_tokens, greedy=True)
+    _, texts = complete(model, tokenizer, prompts, get_task("add2").max_new_tokens, greedy=True)
     model.train(was_training)
-    return [t.strip() for t in texts]
+    return texts
 
 
 def _passk(figures: dict) -> dict:

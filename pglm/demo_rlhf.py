@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from pglm.demo import Teacher, carry_figures, carry_report, imitate_teacher, start_demo
+from pglm.demo import Teacher, carry_figures, carry_report, greedy_texts, imitate_teacher, start_demo
 from pglm.models.reward import RewardModel
 from pglm.pg.presets import describe, get_preset
 from pglm.rewards.learned import reward_model
@@ -185,7 +185,7 @@ def rlhf_run(sft_model, tokenizer, cfg: RLHFConfig, beta: float, proxy, run_dir:
     prompts = [r["prompt"] for r in heldout]
 
     def evaluate(m):  # the truth and the proxy of the same greedy answers
-        texts = _greedy(m, tokenizer, prompts)
+        texts = greedy_texts(m, tokenizer, prompts)
         scores = proxy(prompts, texts)
         return {**carry_figures(heldout, [t.strip() for t in texts]), "proxy": sum(scores) / len(scores)}
 
@@ -210,15 +210,6 @@ def rlhf_run(sft_model, tokenizer, cfg: RLHFConfig, beta: float, proxy, run_dir:
     curve = [{"step": r["step"], **{k: r[k] for k in keys}} for r in read_metrics(run_dir / "metrics.jsonl")
              if r.get("phase") == "eval" and "proxy" in r]
     return curve, policy
-
-
-def _greedy(model, tokenizer, prompts: list[str]) -> list[str]:
-    """Greedy completions (the texts a reward reads); the model's train/eval mode is left as it was."""
-    was_training = model.training
-    model.eval()
-    _, texts = complete(model, tokenizer, prompts, get_task("add2").max_new_tokens, greedy=True)
-    model.train(was_training)
-    return texts
 
 
 def run_rlhf_demo(cfg: RLHFConfig, out: Path, progress: bool = True) -> dict:
@@ -272,7 +263,7 @@ def run_rlhf_demo(cfg: RLHFConfig, out: Path, progress: bool = True) -> dict:
     examples = []  # what each model answers to a few held-out carry problems, and what the reward model makes of it
     rows = [r for r in task.heldout() if has_carry(*parse_prompt(r["prompt"]))][:6]
     prompts = [r["prompt"] for r in rows]
-    answers = {name: _greedy(m, tok, prompts) for name, m in policies.items()}
+    answers = {name: greedy_texts(m, tok, prompts) for name, m in policies.items()}
     scores = {name: proxy(prompts, texts) for name, texts in answers.items()}
     for i, r in enumerate(rows):
         examples.append({"prompt": r["prompt"], "answer": r["answer"],

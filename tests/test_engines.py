@@ -141,14 +141,9 @@ def test_a_stale_engine_trips_the_alarm_and_a_synced_one_does_not(policy, tmp_pa
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from helpers import TINY
+    from helpers import tiny_sft_runs
 
-    from pglm.cli import main
-
-    tmp = tmp_path_factory.mktemp("engines")
-    for arch in ("gpt", "lstm"):
-        assert main(["sft", "--task", "add2", "--model", arch, "--steps", "2", "--out", str(tmp / arch), *TINY]) == 0
-    return tmp
+    return tiny_sft_runs(tmp_path_factory.mktemp("engines"))
 
 
 @pytest.mark.parametrize("flags, message", [

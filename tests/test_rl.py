@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from helpers import TINY, error_line
+from helpers import error_line, tiny_sft_runs
 
 import pglm.train.rl
 from pglm.cli import main
@@ -20,10 +20,7 @@ RL = ["--steps", "3", "--prompts-per-step", "2", "--group-size", "4", "--eval-ev
 
 @pytest.fixture(scope="module")
 def init(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rl")
-    for arch in ("gpt", "lstm"):
-        assert main(["sft", "--task", "add2", "--model", arch, "--steps", "2", "--out", str(tmp / arch), *TINY]) == 0
-    return tmp
+    return tiny_sft_runs(tmp_path_factory.mktemp("rl"))
 
 
 def rows(run, phase):
