@@ -261,6 +261,14 @@ def full_model_state(wrapped: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def full_parameters(module: nn.Module):
+    """(name, whole tensor) of each parameter of `module`, one at a time, on its own device: FSDP2's
+    shards are gathered (every rank must walk it to the end, in the same order), others given as
+    they are. What a weight sync hands an inference engine: one full tensor alive at a time."""
+    for name, p in module.named_parameters():
+        yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
 def full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
     """The optimizer's state keyed by parameter names, whole (every rank calls; rank 0 receives)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

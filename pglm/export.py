@@ -295,27 +295,36 @@ def gpt_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def llama_tensors(cfg, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`gpt_state_dict` of given pglm GPT tensors `sd` (by pglm name, on any device): what a weight sync
-    into an engine that loads Llama checkpoints (vLLM) hands it."""
+    """pglm GPT tensors `sd` (by pglm name, on any device) under LlamaForCausalLM's names, as own,
+    contiguous copies (no shared memory, which safetensors refuses)."""
+    return {name: t.clone().contiguous() for name, t in llama_named(cfg, sd.items())}
+
+
+# pglm GPT block names → Llama's; the fused q, k, v projection is split by `llama_named`
+_LLAMA_BLOCK = {"attn.o_proj.weight": "self_attn.o_proj.weight", "attn_norm.weight": "input_layernorm.weight",
+                "mlp_norm.weight": "post_attention_layernorm.weight",
+                **{f"mlp.{n}.weight": f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}}
+
+
+def llama_named(cfg, named_tensors):
+    """(LlamaForCausalLM name, tensor) for each given (pglm GPT name, tensor), one at a time, as views:
+    what a weight sync streams into an engine that loads Llama checkpoints (vLLM). lm_head.weight is
+    left out when it is tied to the embedding (tie_word_embeddings rebuilds it)."""
     C = cfg.d_model
-
-    def own(t):
-        return t.clone().contiguous()
-
-    out = {"model.embed_tokens.weight": own(sd["tok_emb.weight"]), "model.norm.weight": own(sd["norm_f.weight"])}
-    for i in range(cfg.n_layer):
-        src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        qkv = sd[src + "attn.qkv.weight"]  # (3C, C): rows of q, then k, then v
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[dst + f"self_attn.{name}.weight"] = own(qkv[j * C : (j + 1) * C])
-        out[dst + "self_attn.o_proj.weight"] = own(sd[src + "attn.o_proj.weight"])
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[dst + f"mlp.{name}.weight"] = own(sd[src + f"mlp.{name}.weight"])
-        out[dst + "input_layernorm.weight"] = own(sd[src + "attn_norm.weight"])
-        out[dst + "post_attention_layernorm.weight"] = own(sd[src + "mlp_norm.weight"])
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = own(sd["lm_head.weight"])
-    return out
+    top = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+    for name, t in named_tensors:
+        if name in top:
+            if not (name == "lm_head.weight" and cfg.tie_embeddings):
+                yield top[name], t
+            continue
+        _, i, rest = name.split(".", 2)  # blocks.{i}.{rest}
+        dst = f"model.layers.{i}."
+        if rest == "attn.qkv.weight":  # (3C, C): rows of q, then k, then v
+            for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                yield dst + f"self_attn.{proj}.weight", t[j * C : (j + 1) * C]
+        else:
+            yield dst + _LLAMA_BLOCK[rest], t
 
 
 # ---- tokenizers ----

@@ -96,10 +96,12 @@ def run_mle(out: Path, mode: str | None, grad_accum: int, dtype=torch.float64) -
 
 def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.float64, micro: int | None = None,
            rollout: int | None = None, ref_in_loss: bool = False, masked_half: bool = False, lora: bool = False,
-           ref_offload: bool = False) -> dict:
+           ref_offload: bool = False, skewed_engine: bool = False) -> dict:
     """`masked_half`: the second half of each step's prompts get one constant reward, so that with DAPO's
     filter every row of the last rank(s) is masked out of the loss. `lora`: a GPT-2 with LoRA adapters,
-    its own reference; `ref_offload`: under FSDP2 the reference's shards live in CPU memory."""
+    its own reference; `ref_offload`: under FSDP2 the reference's shards live in CPU memory.
+    `skewed_engine`: rollouts from an engine of its own weights (synced after each step) whose log-probs
+    are 0.6 · (token mod 3) below the trainer's, so that some tokens' ratios e^1.2 pass the cap of 3."""
     preset = get_preset(algo)
     if ref_in_loss and preset.kl_placement != "loss":
         from dataclasses import replace
@@ -112,6 +114,11 @@ def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.floa
     cfg = RLConfig(algo=algo, steps=2, prompts_per_step=6, group_size=2, warmup_steps=1, beta=beta, epochs=2,
                    minibatches=2, micro_batch_size=micro, rollout_batch_size=rollout, eval_every=100, ckpt_every=100,
                    lr=1e-2)
+    engine = None
+    if skewed_engine:  # a copy of the whole model, before FSDP2 shards it
+        from helpers import CopyEngine
+
+        engine = CopyEngine(model, TASK.tokenizer(), skew=lambda g: 0.6 * (g.tokens[:, g.prompt_len:] % 3))
     wrapped = dist.wrap(Policy(model, value_head), mode, torch.device("cpu"), POLICY_METHODS)
     if ref is not None and dist.sharded(wrapped):
         ref = dist.wrap(Policy(ref), mode, torch.device("cpu"), offload=ref_offload)
@@ -142,7 +149,7 @@ def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.floa
             draw = lambda step: [{**r, "half": i >= P // 2} for i, r in enumerate(rows(step))]  # noqa: E731
         train_rl(wrapped, TASK.tokenizer(), preset, cfg, draw, half_reward if masked_half else reward, None, 4,
                  out, optimizer, ref_model=ref, baseline=MovingBaseline() if preset.estimator.state else None,
-                 metrics=MetricsLog(out), progress=False)
+                 metrics=MetricsLog(out), progress=False, engine=engine)
     finally:
         rl.collect_rollout = real
     gathered = [None] * dist.world_size()
@@ -258,6 +265,8 @@ def mutated(name: str | None):
 
         real_u = engines.seed_uniforms
         patch(engines, "seed_uniforms", lambda seeds, G, N: real_u([(s, t, i - seeds[0][2]) for s, t, i in seeds], G, N))
+    elif name == "local_mismatch":  # the engine/trainer mismatch figures of each rank's own rows
+        patch(rl, "step_mismatch", rl.mismatch_stats)
     elif name is not None:
         raise ValueError(name)
     try:

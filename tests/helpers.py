@@ -1,6 +1,12 @@
 """Shared by the test modules."""
 
+import copy
+import dataclasses
+
+import torch
+
 from pglm.cli import main
+from pglm.engines import TorchEngine
 
 # A one-layer GPT small enough for a test to train in a second or two.
 TINY = ["--n-layer", "1", "--d-model", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "8", "--quiet"]
@@ -20,3 +26,29 @@ def error_line(capsys, argv):
     assert rc == 2, err
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     return err
+
+
+class CopyEngine:
+    """An engine with weights of its own, a copy of the policy's: `skew(g)` is subtracted from its
+    log-probs (its kernels differ), and `sync=False` ignores every sync (stale weights)."""
+
+    exact = False
+
+    def __init__(self, model, tok, skew=None, sync=True):
+        self.model, self.skew, self.sync = copy.deepcopy(model), skew, sync
+        self.inner = TorchEngine(self.model, tok.eos_id, tok.pad_id)
+
+    def generate(self, prompts, group_size, max_new_tokens, temperature, seeds):
+        g = self.inner.generate(prompts, group_size, max_new_tokens, temperature, seeds)
+        if self.skew is not None:
+            g = dataclasses.replace(g, logprobs=(g.logprobs - self.skew(g)) * g.response_mask)
+        return g
+
+    def logprobs(self, tokens, n_pad, prompt_len, temperature):
+        return self.inner.logprobs(tokens, n_pad, prompt_len, temperature)
+
+    @torch.no_grad()
+    def sync_weights(self, named_tensors):
+        if self.sync:
+            for name, p in named_tensors:
+                self.model.get_parameter(name).copy_(p)

@@ -3,7 +3,6 @@ TorchEngine samples today's samples with the trainer's log-probs; a skewed fake 
 capped weights; a stale fake engine trips the alarm, a synced one does not."""
 
 import copy
-import dataclasses
 import json
 import math
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import pglm.train.rl
+from helpers import CopyEngine
 from pglm.engines import TorchEngine, seed_uniforms
 from pglm.models import build_model, model_config
 from pglm.pg.presets import get_preset
@@ -40,32 +40,6 @@ def test_torch_engine_gives_the_samplers_samples_and_the_trainers_log_probs(poli
     scored = engine.logprobs(g.tokens, g.n_pad, g.prompt_len, 0.8)
     assert torch.allclose(scored * g.response_mask, g.logprobs, atol=1e-5)
     assert engine.exact
-
-
-class CopyEngine:
-    """An engine with weights of its own, a copy of the policy's: `skew(g)` is subtracted from its
-    log-probs (its kernels differ), and `sync=False` ignores every sync (stale weights)."""
-
-    exact = False
-
-    def __init__(self, model, tok, skew=None, sync=True):
-        self.model, self.skew, self.sync = copy.deepcopy(model), skew, sync
-        self.inner = TorchEngine(self.model, tok.eos_id, tok.pad_id)
-
-    def generate(self, prompts, group_size, max_new_tokens, temperature, seeds):
-        g = self.inner.generate(prompts, group_size, max_new_tokens, temperature, seeds)
-        if self.skew is not None:
-            g = dataclasses.replace(g, logprobs=(g.logprobs - self.skew(g)) * g.response_mask)
-        return g
-
-    def logprobs(self, tokens, n_pad, prompt_len, temperature):
-        return self.inner.logprobs(tokens, n_pad, prompt_len, temperature)
-
-    @torch.no_grad()
-    def sync_weights(self, named_tensors):
-        if self.sync:
-            for name, p in named_tensors:
-                self.model.get_parameter(name).copy_(p)
 
 
 def run(policy, tmp_path, engine, monkeypatch=None, **cfg):
@@ -171,3 +145,54 @@ def test_vllm_with_an_lstm_or_without_vllm_is_one_line(runs, tmp_path, capsys):
     except ImportError:
         line = error_line(capsys, [*base, "--init", str(runs / "gpt"), "--out", str(tmp_path / "b")])
         assert "pip install -e '.[vllm]'" in line and not (tmp_path / "b").exists()
+
+
+def test_a_gpt_reaches_the_engine_under_llamas_names_one_tensor_at_a_time(policy):
+    from pglm.engines_vllm import hf_named
+    from pglm.export import gpt_state_dict
+
+    model, _ = policy
+    streamed = hf_named(model, model.named_parameters())
+    first = next(streamed)  # a generator: nothing is gathered or copied before it is asked for
+    got = dict([first, *streamed])
+    want = gpt_state_dict(model)  # what `pglm export` writes, and the engine was built from
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("kind, targets", [("gpt2", ["c_attn", "c_fc"]), ("llama", ["q_proj", "v_proj", "down_proj"])])
+def test_a_lora_policy_reaches_the_engine_merged(tmp_path, kind, targets):
+    """Each adapted weight W + s·BA, as peft's merge_and_unload gives it (GPT-2's Conv1D transposed),
+    under the base model's names; the adapters themselves are not sent."""
+    from hf_models import make_hf_model
+
+    from pglm.engines_vllm import hf_named
+    from pglm.models.hf import add_lora, load_hf
+
+    model = load_hf(str(make_hf_model(kind, tmp_path / kind)))
+    add_lora(model, 2, 8.0, targets)  # s = α/r = 4
+    with torch.no_grad():
+        for n, q in model.named_parameters():
+            if "lora_B" in n:
+                q.normal_(0, 0.3)  # B ≠ 0: the adapter moves the weights
+    got = dict(hf_named(model, model.named_parameters()))
+    want = copy.deepcopy(model.net).merge_and_unload().state_dict()
+    base = {n: p for n, p in model.inner.named_parameters()}
+    assert set(got) <= set(want)
+    assert set(want) - set(got) <= {"lm_head.weight"}  # tied to the embedding: sent once, as the embedding
+    for name in want.keys() & got.keys():
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+    moved = [n for n in got if any(f".{t}." in n for t in targets) and n.endswith(".weight")]
+    assert moved and all(not torch.allclose(got[n], base[n.replace(".weight", ".base_layer.weight")]) for n in moved)
+
+
+def test_vllm_refuses_a_lora_adapter_on_an_embedding(tmp_path):
+    from hf_models import make_hf_model
+
+    from pglm.engines_vllm import check_vllm
+    from pglm.errors import UserError
+    from pglm.models.hf import add_lora, load_hf
+
+    model = load_hf(str(make_hf_model("llama", tmp_path / "llama")))
+    add_lora(model, 2, 8.0, ["embed_tokens", "q_proj"])
+    with pytest.raises(UserError, match="embedding"):
+        check_vllm(model)

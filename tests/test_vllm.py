@@ -85,3 +85,73 @@ def test_pglm_rl_with_the_vllm_engine_runs_end_to_end(tmp_path):
                            f"{r['is_ratio_max']:.4f} stale {r['stale_weights']}" for r in rl))
     assert [r["step"] for r in rl] == [1, 2, 3]
     assert all(r["logp_diff_max"] < TOL and r["stale_weights"] is False for r in rl)
+
+
+def tiny_llama(path):
+    """A random Hugging Face Llama whose heads vLLM's CPU attention takes (2 of 64), with its tokenizer."""
+    from hf_models import _tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer("llama")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_lora_policy_is_served_merged_and_synced(tmp_path):
+    """The engine holds W + s·BA: its log-probs are the LoRA policy's, before and after an update of
+    the adapters alone and a sync."""
+    from pglm.engines_vllm import VLLMEngine
+    from pglm.models.hf import add_lora
+    from pglm.runs import load_run
+
+    run = load_run(f"hf:{tiny_llama(tmp_path / 'llama')}")
+    model, tok = run.model, run.tokenizer
+    add_lora(model, 4, 8.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)  # the adapter moves the policy
+    model.eval()
+    e = VLLMEngine(model, tok, "cpu", max_len=32)
+    try:
+        prompts = [tok.prompt_ids(p) for p in ("12+34=", "hello world")]
+        g = e.generate(prompts, 4, 6, 1.0, [(0, 0, 0), (0, 0, 1)])
+        gap = float((trainer_logp(model, g, 1.0) - g.logprobs).abs().max())
+        before = trainer_logp(model, g, 1.0)[g.response_mask]
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.3 * torch.randn_like(p))  # an update of the adapters alone
+        after = trainer_logp(model, g, 1.0)[g.response_mask]
+        stale = e.logprobs(g.tokens, g.n_pad, g.prompt_len, 1.0)[g.response_mask]
+        e.sync_weights(model.named_parameters())
+        synced = e.logprobs(g.tokens, g.n_pad, g.prompt_len, 1.0)[g.response_mask]
+    finally:
+        e.close()
+    print(f"\nLoRA policy, merged in the engine: max |Δ| {gap:.2e}; after an adapter update unsynced "
+          f"{float((stale - after).abs().max()):.2e}, synced {float((synced - after).abs().max()):.2e}")
+    assert gap < TOL and stale_weights(stale, before, after)
+    assert float((synced - after).abs().max()) < TOL and not stale_weights(synced, before, after)
+
+
+def test_pglm_rl_trains_a_lora_policy_through_vllm(tmp_path):
+    out = tmp_path / "rl"
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("12+34=", "7+8=", "a b")))
+    (tmp_path / "rewards.py").write_text("def longer(prompts, completions, **kw):\n"
+                                         "    return [float(len(c)) for c in completions]\n")
+    assert main(["rl", "--init", f"hf:{tiny_llama(tmp_path / 'llama')}", "--lora-r", "4", "--lora-targets",
+                 "q_proj,v_proj", "--prompts", str(tmp_path / "prompts.jsonl"), "--reward",
+                 f"{tmp_path / 'rewards.py'}:longer", "--max-new-tokens", "6", "--rollout-engine", "vllm",
+                 "--steps", "3", "--prompts-per-step", "2", "--group-size", "4", "--lr", "1e-2", "--out", str(out),
+                 "--quiet"]) == 0
+    rl = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in rl if r["phase"] == "rl"]
+    print("\n" + "\n".join(f"step {r['step']}: logp_diff_max {r['logp_diff_max']:.2e} stale {r['stale_weights']}"
+                           for r in rl))
+    assert [r["step"] for r in rl] == [1, 2, 3]
+    assert all(r["logp_diff_max"] < TOL and r["stale_weights"] is False for r in rl)

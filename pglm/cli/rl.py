@@ -169,6 +169,11 @@ def rl(args, out):
                 tokenizer.save(out / "tokenizer.json")
                 write_json(out / "config.json", config)
             metrics = MetricsLog(out)
+    engine = None
+    if cfg.rollout_engine == "vllm":  # built from the whole model, before FSDP2 shards it
+        from pglm.engines_vllm import VLLMEngine
+
+        engine = VLLMEngine(model, tokenizer, device, max_len=context or longest + N)
     # The one module training calls (DDP or FSDP2 of it under torchrun), and its optimizer after it.
     model = dist.wrap(Policy(model, value_head), args.dist, device, POLICY_METHODS)
     optimizer = make_rl_optimizer(model, None, recipe.lr, cfg)
@@ -196,11 +201,6 @@ def rl(args, out):
             return evaluate_task(m, tokenizer, task, samples=cfg.eval_samples, temperature=cfg.temperature,
                                  limit=cfg.eval_limit, seed=cfg.seed)
 
-    engine = None
-    if cfg.rollout_engine == "vllm":
-        from pglm.engines_vllm import VLLMEngine
-
-        engine = VLLMEngine(dist.unwrap(model).model, tokenizer, device, max_len=context or longest + N)
     try:
         final = train_rl(model, tokenizer, preset, cfg, draw_rows, reward_fn, evaluator, N, out, optimizer,
                          ref_model=ref_model, baseline=baseline, start_step=start, metrics=metrics,

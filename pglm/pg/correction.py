@@ -24,38 +24,47 @@ MODES = ("none", "token_tis", "seq_mask")
 
 
 def mismatch_weights(train_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, mode: str,
-                     cap: float) -> tuple[torch.Tensor, dict]:
-    """(weights (B, N), stats) from the trainer's and the engine's log-probs of the sampled tokens.
+                     cap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights (B, N), sums (5,), maxima (2,)) from the trainer's and the engine's log-probs of the
+    sampled tokens.
 
-    train_logp, engine_logp, mask (B, N). Weights are detached and 0 where masked. stats (floats, over
-    the valid tokens): logp_diff_mean / logp_diff_max = mean / max of |log π_train − log π_engine|,
-    is_ratio_mean / is_ratio_max of the ratio the mode uses (per token or per sequence), and is_clip_frac,
-    the share of tokens (token_tis) or sequences (seq_mask) the cap changed."""
+    train_logp, engine_logp, mask (B, N). Weights are detached and 0 where masked. sums and maxima are
+    float64 totals over this batch's valid tokens that add (sums) and take the maximum (maxima) over
+    ranks; `mismatch_stats` turns them into the logged figures."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if cap <= 1.0 and mode != "none":
         raise ValueError(f"the cap must be > 1, not {cap}")
     m = mask.to(train_logp.dtype)
     log_ratio = ((train_logp - engine_logp) * m).detach()  # (B, N), 0 where masked
-    n_tok = m.sum().clamp(min=1)
     diff = log_ratio.abs()
-    stats = {"logp_diff_mean": float(diff.sum() / n_tok), "logp_diff_max": float(diff.max()) if diff.numel() else 0.0}
-    if mode == "seq_mask":
-        seq_ratio = log_ratio.sum(1).exp()  # (B,)
-        kept = seq_ratio <= cap
-        weights = torch.where(kept, seq_ratio, torch.zeros_like(seq_ratio))[:, None] * m  # (B, N)
-        has_tokens = m.sum(1) > 0
-        n_seq = has_tokens.sum().clamp(min=1)
-        stats.update(is_ratio_mean=float(seq_ratio[has_tokens].sum() / n_seq),
-                     is_ratio_max=float(seq_ratio[has_tokens].max()) if bool(has_tokens.any()) else 1.0,
-                     is_clip_frac=float((~kept & has_tokens).sum() / n_seq))
-        return weights, stats
-    ratio = log_ratio.exp()  # (B, N), 1 where masked
-    weights = (ratio.clamp(max=cap) if mode == "token_tis" else torch.ones_like(ratio)) * m
-    stats.update(is_ratio_mean=float((ratio * m).sum() / n_tok),
-                 is_ratio_max=float(ratio[m.bool()].max()) if bool(m.any()) else 1.0,
-                 is_clip_frac=float(((ratio > cap) & m.bool()).sum() / n_tok) if mode == "token_tis" else 0.0)
-    return weights, stats
+    if mode == "seq_mask":  # the ratio and the cap are per sequence
+        ratio = log_ratio.sum(1).exp()  # (B,)
+        kept = ratio <= cap
+        weights = torch.where(kept, ratio, torch.zeros_like(ratio))[:, None] * m  # (B, N)
+        units = m.sum(1) > 0  # the sequences with a token
+        clipped = ~kept & units
+    else:
+        ratio = log_ratio.exp()  # (B, N), 1 where masked
+        weights = (ratio.clamp(max=cap) if mode == "token_tis" else torch.ones_like(ratio)) * m
+        units = m.bool()
+        clipped = (ratio > cap) & units if mode == "token_tis" else torch.zeros_like(units)
+    sums = torch.stack([diff.sum(), m.sum(), ratio[units].sum(), clipped.sum(), units.sum()]).to(torch.float64)
+    maxima = torch.stack([diff.max() if diff.numel() else diff.new_zeros(()),
+                          ratio[units].max() if bool(units.any()) else ratio.new_zeros(())]).to(torch.float64)
+    return weights, sums, maxima
+
+
+def mismatch_stats(sums: torch.Tensor, maxima: torch.Tensor) -> dict:
+    """The logged figures of `mismatch_weights`' totals (summed and maxed over ranks): logp_diff_mean /
+    logp_diff_max of |log π_train − log π_engine| over valid tokens, is_ratio_mean / is_ratio_max of the
+    ratio the mode uses (per token, or per sequence for seq_mask), and is_clip_frac, the share of those
+    tokens or sequences the cap changed."""
+    diff, n_tok, ratio, clipped, units = sums.tolist()
+    diff_max, ratio_max = maxima.tolist()
+    return {"logp_diff_mean": diff / max(n_tok, 1.0), "logp_diff_max": diff_max,
+            "is_ratio_mean": ratio / units if units else 1.0, "is_ratio_max": ratio_max if units else 1.0,
+            "is_clip_frac": clipped / max(units, 1.0)}
 
 
 def stale_weights(engine_probe: torch.Tensor, before: torch.Tensor, after: torch.Tensor, tol: float = 0.0) -> bool:

@@ -42,7 +42,7 @@ from pglm.errors import UserError, check_number
 from pglm.models.policy import AdapterOff, Policy
 from pglm.pg import advantages as adv_fns
 from pglm.pg.correction import MODES as CORRECTION_MODES
-from pglm.pg.correction import mismatch_weights, stale_weights
+from pglm.pg.correction import mismatch_stats, mismatch_weights, stale_weights
 from pglm.pg.kl import kl_estimate
 from pglm.pg.logprobs import CHUNK_ELEMENTS, head_logprobs
 from pglm.pg.losses import aggregate, policy_loss, value_loss
@@ -391,6 +391,8 @@ def train_rl(
     all_finished = dist.all_ranks if dist.sharded(wrapped) else None  # FSDP2: decode in step on every rank
     evaluated = policy.model if W == 1 else policy  # under FSDP2 generation goes through the Policy
     engine = engine or TorchEngine(evaluated, tokenizer.eos_id, tokenizer.pad_id, all_finished)
+    if not engine.exact:  # it starts from the weights trained (rank 0's after the wrap, a resume's checkpoint)
+        engine.sync_weights(dist.full_parameters(policy.model))
     fused = engine.exact and W == 1 and cfg.rollout_batch_size in (None, B) and cfg.micro_batch_size in (None, B) \
         and fuses_scoring(recipe, cfg, value_head, B, N, policy.model.lm_head.weight.shape[0])
     wrapped.eval()  # no dropout anywhere in RL (module docstring)
@@ -434,8 +436,9 @@ def train_rl(
             is_weights, mismatch = None, {}
             if ro.engine_logp is not None:  # another engine sampled: the trainer scores, the ratio corrects
                 ro.old_logp = score_rows(wrapped, ro, cfg)
-                is_weights, mismatch = mismatch_weights(ro.old_logp, ro.engine_logp, ro.mask, cfg.rollout_correction,
-                                                        cfg.rollout_correction_cap)
+                is_weights, mm_sums, mm_max = mismatch_weights(ro.old_logp, ro.engine_logp, ro.mask,
+                                                               cfg.rollout_correction, cfg.rollout_correction_cap)
+                mismatch = step_mismatch(mm_sums, mm_max)
             scaled, n_clipped = scale_rewards(ro.rewards, reward_stats if cfg.reward_norm else None, cfg.reward_clip)
             rewards, loss_mask, zero_std = shape_rewards(scaled, ro.finished, ro.mask, G, recipe.truncation,
                                                          cfg.truncation_penalty, recipe.drop_zero_std_groups)
@@ -476,7 +479,7 @@ def train_rl(
                 raise UserError(nonfinite_message(step + 1, e.grad_norm, run_dir)) from None
             step += 1
             if not engine.exact:  # the new weights into the engine, and a probe that they arrived
-                mismatch["stale_weights"] = sync_and_probe(engine, wrapped, ro, probe_before)
+                mismatch["stale_weights"] = dist.any_rank(sync_and_probe(engine, wrapped, ro, probe_before))
                 if mismatch["stale_weights"] and not stale_said:
                     stale_said = True
                     say(f"warning: after the weight sync of step {step} the engine's log-probs are not those of the "
@@ -656,6 +659,11 @@ def update(wrapped, optimizer, params, ro: Rollout, advantages, loss_mask, ref_l
     return sums
 
 
+def step_mismatch(sums: torch.Tensor, maxima: torch.Tensor) -> dict:
+    """The engine/trainer mismatch figures of the whole step: every rank's totals summed, maxima maxed."""
+    return mismatch_stats(dist.all_sum(sums), dist.all_max_tensor(maxima))
+
+
 def probe_logp(wrapped, ro: Rollout) -> torch.Tensor:
     """The trainer's log-probs of the rollout's first response at temperature 1 (its valid tokens): the
     stale-weights probe. At τ = 1, because an engine's log-probs of given tokens (vLLM's prompt
@@ -672,7 +680,7 @@ def sync_and_probe(engine, wrapped, ro: Rollout, before: torch.Tensor) -> bool:
     `probe_logp`), scores it again after, and the engine scores it after the sync
     (`pglm.pg.correction.stale_weights`)."""
     policy = dist.unwrap(wrapped)
-    engine.sync_weights(policy.model.named_parameters())
+    engine.sync_weights(dist.full_parameters(policy.model))  # FSDP2: gathered one at a time
     m = ro.mask[:1]
     after = probe_logp(wrapped, ro)
     probe = engine.logprobs(ro.tokens[:1], ro.n_pad[:1], ro.prompt_len, 1.0)[m]
