@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from helpers import CopyEngine
 
 import pglm.train.rl
-from helpers import CopyEngine
 from pglm.engines import TorchEngine, seed_uniforms
 from pglm.models import build_model, model_config
 from pglm.pg.presets import get_preset
