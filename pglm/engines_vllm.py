@@ -159,6 +159,9 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
+        """On CUDA, between the rollout and the sync: the KV cache freed and the weights moved to CPU
+        memory (level 1). Level 2 would drop the weights, which the sync replaces anyway, but also
+        buffers it does not (the rotary tables: OpenRLHF#723, vllm#16564)."""
         if torch.device(self.device).type == "cuda" and not self.sleeping:
             self.llm.sleep(level=1)
             self.sleeping = True

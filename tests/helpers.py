@@ -52,3 +52,9 @@ class CopyEngine:
         if self.sync:
             for name, p in named_tensors:
                 self.model.get_parameter(name).copy_(p)
+
+    def sleep(self):
+        pass  # its memory is the test's
+
+    def wake(self):
+        pass

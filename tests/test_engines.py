@@ -196,3 +196,38 @@ def test_vllm_refuses_a_lora_adapter_on_an_embedding(tmp_path):
     add_lora(model, 2, 8.0, ["embed_tokens", "q_proj"])
     with pytest.raises(UserError, match="embedding"):
         check_vllm(model)
+
+
+def test_an_engine_sleeps_through_training_and_wakes_for_the_sync(policy, tmp_path, monkeypatch):
+    """Each step: generate, then sleep while the trainer scores and updates, then wake, sync and probe."""
+    calls = []
+
+    class Recording(CopyEngine):
+        def generate(self, *a, **k):
+            calls.append("generate")
+            return super().generate(*a, **k)
+
+        def logprobs(self, *a, **k):
+            calls.append("logprobs")
+            return super().logprobs(*a, **k)
+
+        def sync_weights(self, named_tensors):
+            calls.append("sync")
+            super().sync_weights(named_tensors)
+
+        def sleep(self):
+            calls.append("sleep")
+
+        def wake(self):
+            calls.append("wake")
+
+    real_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        calls.append("optimizer")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    run(policy, tmp_path, lambda m, t: Recording(m, t))
+    per_step = ["generate", "sleep", "optimizer", "wake", "sync", "logprobs"]
+    assert calls == ["sync"] + per_step * 3  # synced once before the first rollout

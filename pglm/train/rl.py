@@ -433,6 +433,7 @@ def train_rl(
             ro = collect_rollout(evaluated, tokenizer, rows, reward_fn, cfg, N, step,
                                  first_prompt=dist.rank() * P_local, fused=fused, all_finished=all_finished,
                                  engine=engine)
+            engine.sleep()  # an engine with memory of its own frees it for training, until the sync wakes it
             is_weights, mismatch = None, {}
             if ro.engine_logp is not None:  # another engine sampled: the trainer scores, the ratio corrects
                 ro.old_logp = score_rows(wrapped, ro, cfg)
@@ -680,6 +681,7 @@ def sync_and_probe(engine, wrapped, ro: Rollout, before: torch.Tensor) -> bool:
     `probe_logp`), scores it again after, and the engine scores it after the sync
     (`pglm.pg.correction.stale_weights`)."""
     policy = dist.unwrap(wrapped)
+    engine.wake()
     engine.sync_weights(dist.full_parameters(policy.model))  # FSDP2: gathered one at a time
     m = ro.mask[:1]
     after = probe_logp(wrapped, ro)
