@@ -124,6 +124,8 @@ def runs(tmp_path_factory):
     (["--rollout-engine", "sglang"], "--rollout-engine must be torch or vllm"),
     (["--rollout-correction", "icepop"], "--rollout-correction must be none, token_tis, seq_mask"),
     (["--rollout-correction-cap", "1"], "--rollout-correction-cap"),
+    (["--rollout-engine", "vllm", "--top-p", "0.9"], "no --top-k or --top-p"),
+    (["--top-k", "5"], "no --top-k or --top-p"),
 ])
 def test_bad_engine_flags_are_one_line(runs, tmp_path, capsys, flags, message):
     from helpers import error_line

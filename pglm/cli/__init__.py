@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="passes over each rollout (default 1)")
     p.add_argument("--minibatches", type=int, help="optimizer steps per pass (default 1)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, help="refused: rollouts sample the whole distribution (docs/rl.md)")
+    p.add_argument("--top-p", type=float, help="refused: rollouts sample the whole distribution (docs/rl.md)")
     p.add_argument("--max-new-tokens", type=int, help="longest completion (default: the task's; with --prompts 256, or what the model's context leaves)")
     p.add_argument("--truncation", help="responses without eos: keep | mask | penalise (default: the algorithm's)")
     p.add_argument("--eval-every", type=int, help=f"steps between held-out evaluations (default {d.eval_every})")

@@ -45,6 +45,10 @@ def rl(args, out):
         train_rl,
     )
 
+    if args.top_k is not None or args.top_p is not None:
+        raise UserError("pglm rl samples from the policy's whole distribution and has no --top-k or --top-p: a "
+                        "truncated distribution is not the policy, which biases the policy gradient and, with "
+                        "--rollout-engine vllm, the importance ratio (trl#6789); drop the flag")
     names = {f.name for f in dc_fields(RLConfig)}
     if args.resume:
         config = read_json(Path(args.out) / "config.json") if (Path(args.out) / "config.json").is_file() else None
