@@ -73,7 +73,7 @@ def test_a_skewed_engine_gets_token_weights_min_ratio_c(policy, tmp_path, monkey
     for r in rows:
         assert r["logp_diff_mean"] == pytest.approx(delta, abs=1e-5)
         assert r["is_ratio_mean"] == pytest.approx(math.exp(delta), rel=1e-4)
-        assert r["is_clip_frac"] == clipped and r["stale_weights"] is False
+        assert r["is_clip_frac"] == clipped and r["stale_weights"] is False and r["sync_s"] > 0
     for w in seen:
         assert torch.allclose(w[w > 0], torch.full_like(w[w > 0], min(math.exp(delta), 3.0)), rtol=1e-4)
 

@@ -35,7 +35,7 @@ def test_every_preset_runs_and_logs_the_contract(init, tmp_path, algo):
     rl = rows(out, "rl")
     assert [r["step"] for r in rl] == [1, 2, 3]
     keys = {"reward_mean", "reward_std", "kl", "entropy", "clip_frac", "approx_kl", "response_len",
-            "frac_zero_std_groups", "samples_per_s"}
+            "frac_zero_std_groups", "samples_per_s", "rollout_s"}
     assert all(keys <= r.keys() for r in rl), keys - rl[0].keys()
     assert all(r["updates"] == 0 or r["entropy"] > 0 for r in rl)
     evals = rows(out, "eval")

@@ -433,6 +433,7 @@ def train_rl(
             ro = collect_rollout(evaluated, tokenizer, rows, reward_fn, cfg, N, step,
                                  first_prompt=dist.rank() * P_local, fused=fused, all_finished=all_finished,
                                  engine=engine)
+            rollout_s = time.perf_counter() - t0
             engine.sleep()  # an engine with memory of its own frees it for training, until the sync wakes it
             is_weights, mismatch = None, {}
             if ro.engine_logp is not None:  # another engine sampled: the trainer scores, the ratio corrects
@@ -480,7 +481,9 @@ def train_rl(
                 raise UserError(nonfinite_message(step + 1, e.grad_norm, run_dir)) from None
             step += 1
             if not engine.exact:  # the new weights into the engine, and a probe that they arrived
+                t_sync = time.perf_counter()
                 mismatch["stale_weights"] = dist.any_rank(sync_and_probe(engine, wrapped, ro, probe_before))
+                mismatch["sync_s"] = time.perf_counter() - t_sync
                 if mismatch["stale_weights"] and not stale_said:
                     stale_said = True
                     say(f"warning: after the weight sync of step {step} the engine's log-probs are not those of the "
@@ -506,7 +509,8 @@ def train_rl(
             row.update(
                 reward_mean=mean, reward_std=((r_sq - B * mean**2) / (B - 1)) ** 0.5 if B > 1 and r_sq > B * mean**2 else 0.0,
                 response_len=n_tok / B, frac_zero_std_groups=n_zero / (B // G), frac_truncated=n_trunc / B,
-                samples_per_s=B / (time.perf_counter() - t0), lr=optimizer.param_groups[0]["lr"], updates=n_updates,
+                samples_per_s=B / (time.perf_counter() - t0), rollout_s=rollout_s, lr=optimizer.param_groups[0]["lr"],
+                updates=n_updates,
             )
             if cfg.reward_norm:  # reward_mean stays the reward's own; these are what it was scaled by
                 row.update(reward_norm_mean=reward_stats.mean, reward_norm_std=reward_stats.std)
