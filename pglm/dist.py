@@ -266,7 +266,8 @@ def full_parameters(module: nn.Module):
     shards are gathered (every rank must walk it to the end, in the same order), others given as
     they are. What a weight sync hands an inference engine: one full tensor alive at a time."""
     for name, p in module.named_parameters():
-        yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
+        t = p.detach()  # no graph, whatever the caller's grad mode (a generator cannot hold no_grad)
+        yield name, t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
