@@ -42,7 +42,8 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 
-def write_model(work: Path, tiny: bool) -> Path:
+def write_model(work: Path, tiny: bool) -> tuple[Path, int]:
+    """The model directory, and its vocabulary size."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -58,7 +59,7 @@ def write_model(work: Path, tiny: bool) -> Path:
           f"{L} layers × {C}, vocabulary {V:,}")
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
-    return work / "model"
+    return work / "model", V
 
 
 def run(engine: str, model: Path, work: Path, args) -> list[dict]:
@@ -86,9 +87,8 @@ def main() -> None:
             setattr(args, name, tiny if args.tiny else full)
     print(environment_line())
     work = Path(tempfile.mkdtemp(prefix="pglm-engines-"))
-    model = write_model(work, args.tiny)
+    model, V = write_model(work, args.tiny)
     rng = random.Random(0)
-    V = 512 if args.tiny else 151936
     (work / "prompts.jsonl").write_text("".join(
         json.dumps({"prompt": " ".join(f"w{rng.randrange(V - 3)}" for _ in range(16))}) + "\n"
         for _ in range(args.prompts * args.steps)))

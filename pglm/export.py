@@ -291,13 +291,8 @@ def gpt_state_dict(model) -> dict[str, torch.Tensor]:
     """pglm GPT parameters under LlamaForCausalLM's names; own, contiguous CPU tensors (no shared memory).
 
     lm_head.weight is left out when it is tied to the embedding (tie_word_embeddings rebuilds it)."""
-    return llama_tensors(model.config, {k: v.detach().to("cpu") for k, v in model.state_dict().items()})
-
-
-def llama_tensors(cfg, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """pglm GPT tensors `sd` (by pglm name, on any device) under LlamaForCausalLM's names, as own,
-    contiguous copies (no shared memory, which safetensors refuses)."""
-    return {name: t.clone().contiguous() for name, t in llama_named(cfg, sd.items())}
+    cpu = ((k, v.detach().to("cpu")) for k, v in model.state_dict().items())
+    return {name: t.clone().contiguous() for name, t in llama_named(model.config, cpu)}  # own: safetensors refuses views
 
 
 # pglm GPT block names → Llama's; the fused q, k, v projection is split by `llama_named`

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from helpers import CopyEngine, move_adapters
 
 from pglm import dist
 from pglm.data import Batch
@@ -51,10 +52,7 @@ def tiny_lora_model(dtype=torch.float64):
     config = GPT2Config(vocab_size=TASK.tokenizer().vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2)
     model = wrap_hf(GPT2LMHeadModel(config))
     add_lora(model, 2, 4.0, ["c_attn"])
-    with torch.no_grad():
-        for n, q in model.named_parameters():
-            if "lora_B" in n:
-                q.normal_(0, 0.3)
+    move_adapters(model)
     return model.to(dtype)
 
 
@@ -116,8 +114,6 @@ def run_rl(out: Path, algo: str, mode: str | None, beta: float, dtype=torch.floa
                    lr=1e-2)
     engine = None
     if skewed_engine:  # a copy of the whole model, before FSDP2 shards it
-        from helpers import CopyEngine
-
         engine = CopyEngine(model, TASK.tokenizer(), skew=lambda g: 0.6 * (g.tokens[:, g.prompt_len:] % 3))
     wrapped = dist.wrap(Policy(model, value_head), mode, torch.device("cpu"), POLICY_METHODS)
     if ref is not None and dist.sharded(wrapped):

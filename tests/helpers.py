@@ -19,6 +19,15 @@ def tiny_sft_runs(tmp):
     return tmp
 
 
+@torch.no_grad()
+def move_adapters(model, std: float = 0.3) -> None:
+    """Draw every LoRA B from N(0, std²): peft starts B at 0, and an adapter that moves the policy is
+    what a test of LoRA needs."""
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, std)
+
+
 def error_line(capsys, argv):
     """Run argv; check it fails with exit 2 and exactly one stderr line, no traceback; return that line."""
     rc = main(argv)

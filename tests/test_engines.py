@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import CopyEngine
+from helpers import CopyEngine, move_adapters
 
 import pglm.train.rl
 from pglm.engines import TorchEngine, seed_uniforms
@@ -172,10 +172,7 @@ def test_a_lora_policy_reaches_the_engine_merged(tmp_path, kind, targets):
 
     model = load_hf(str(make_hf_model(kind, tmp_path / kind)))
     add_lora(model, 2, 8.0, targets)  # s = α/r = 4
-    with torch.no_grad():
-        for n, q in model.named_parameters():
-            if "lora_B" in n:
-                q.normal_(0, 0.3)  # B ≠ 0: the adapter moves the weights
+    move_adapters(model)  # B ≠ 0: the adapter moves the weights
     got = dict(hf_named(model, model.named_parameters()))
     want = copy.deepcopy(model.net).merge_and_unload().state_dict()
     base = {n: p for n, p in model.inner.named_parameters()}

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from helpers import error_line  # noqa: E402
+from helpers import error_line, move_adapters  # noqa: E402
 from hf_models import make_hf_model  # noqa: E402
 
 from pglm.cli import main  # noqa: E402
@@ -112,10 +112,7 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off(hf_dirs):
     tokens = torch.randint(0, model.config.vocab_size, (2, 9))
     before = token_logprobs(model(tokens)[:, :-1], tokens[:, 1:]).detach()  # (2, 8) of the base model
     add_lora(model, 4, 16.0, ["q_proj", "v_proj", "lm_head"])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()  # an adapter that changes the policy, lm_head included
+    move_adapters(model, std=1.0)  # an adapter that changes the policy, lm_head included
     policy = Policy(model)
     logp, _, _ = policy(tokens, tokens[:, 1:])
     ref_logp, values, _ = AdapterOff(policy)(tokens, tokens[:, 1:])

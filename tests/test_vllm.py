@@ -105,6 +105,8 @@ def tiny_llama(path):
 def test_a_lora_policy_is_served_merged_and_synced(tmp_path):
     """The engine holds W + s·BA: its log-probs are the LoRA policy's, before and after an update of
     the adapters alone and a sync."""
+    from helpers import move_adapters
+
     from pglm.engines_vllm import VLLMEngine
     from pglm.models.hf import add_lora
     from pglm.runs import load_run
@@ -112,10 +114,7 @@ def test_a_lora_policy_is_served_merged_and_synced(tmp_path):
     run = load_run(f"hf:{tiny_llama(tmp_path / 'llama')}")
     model, tok = run.model, run.tokenizer
     add_lora(model, 4, 8.0, ["q_proj", "v_proj"])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)  # the adapter moves the policy
+    move_adapters(model)  # the adapter moves the policy
     model.eval()
     e = VLLMEngine(model, tok, "cpu", max_len=32)
     try:
